@@ -1,0 +1,111 @@
+"""Library entry points behind the command line: train a masked LM, load a run."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__, checkpoints
+from .data.text import DataError, load_corpus, read_text_file
+from .data.tokenizer import CharTokenizer
+from .data.windows import split_train_val
+from .mlm import MaskedLanguageModel, MLMConfig, MLMTask
+from .train import TrainConfig, fit, is_terminal, resolve_device
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """Where the text comes from: a named corpus or a file."""
+
+    corpus: str = "shakespeare"
+    text_file: str | None = None
+
+    def read(self) -> str:
+        return read_text_file(self.text_file) if self.text_file else load_corpus(self.corpus)
+
+
+def prepare_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to clobber a finished run unless asked; ``--resume`` is the way to continue one."""
+    if (out / checkpoints.CONFIG_FILE).exists() or (out / checkpoints.MODEL_FILE).exists():
+        if not overwrite:
+            raise FileExistsError(f"{str(out)!r} already holds a run; pass --overwrite to replace it, "
+                                  f"or --resume {out} to continue it")
+        shutil.rmtree(out)
+
+
+def train_mlm(model_fields: dict, train: TrainConfig, source: TextSource, out: str | os.PathLike, *,
+              overwrite: bool = False, max_val_windows: int | None = None, quiet: bool = False,
+              epochs: float | None = None) -> dict[str, float]:
+    """Train a character-level masked LM; returns the final validation metrics.
+
+    ``epochs``, when given, replaces ``train.steps`` by the number of steps in that many epochs.
+    """
+    out = Path(out)
+    text = source.read()
+    tok = CharTokenizer.from_text(text)
+    config = MLMConfig(vocab_size=tok.vocab_size, **model_fields)
+    if epochs is not None:
+        if epochs <= 0:
+            raise ValueError(f"--epochs must be positive, got {epochs}")
+        per_epoch = len(split_train_val(text)[0]) // (config.seq_len * train.batch_size)
+        train = dataclasses.replace(train, steps=max(1, round(epochs * per_epoch)))
+    prepare_out_dir(out, overwrite)
+    return _run_mlm(config, train, tok, text, out, resume=False, source=source, max_val_windows=max_val_windows,
+                    quiet=quiet)
+
+
+def resume_mlm(out: str | os.PathLike, *, steps: int | None = None, quiet: bool = False) -> dict[str, float]:
+    """Continue the MLM run in ``out`` from its last checkpoint (optionally to a new step count)."""
+    out = Path(out)
+    saved = checkpoints.read_json(out / checkpoints.CONFIG_FILE)
+    if saved.get("task") != "mlm":
+        raise checkpoints.CheckpointError(f"{str(out)!r} is a {saved.get('task')!r} run, not an mlm run")
+    train = TrainConfig(**{**saved["train"], **({"steps": steps} if steps else {})})
+    config = MLMConfig(**saved["model"])
+    source = TextSource(**saved["data"])
+    tok = CharTokenizer.load(out)
+    return _run_mlm(config, train, tok, source.read(), out, resume=True, source=source,
+                    max_val_windows=saved.get("max_val_windows"), quiet=quiet)
+
+
+def _run_mlm(config: MLMConfig, train: TrainConfig, tok: CharTokenizer, text: str, out: Path, *, resume: bool,
+             source: TextSource, max_val_windows: int | None, quiet: bool) -> dict[str, float]:
+    ids = tok.encode(text)
+    train_ids, val_ids = split_train_val(ids)
+    if len(train_ids) < config.seq_len * train.batch_size:
+        raise DataError(f"the text ({len(text)} characters, {len(train_ids)} for training) is shorter than one batch "
+                        f"of {train.batch_size} windows of {config.seq_len}; use a longer text or smaller sizes")
+    torch.manual_seed(train.seed)
+    model = MaskedLanguageModel(config)
+    device = resolve_device(train.device)
+    task = MLMTask(train_ids, val_ids, tok, config.seq_len, train.batch_size, train.seed, device,
+                   max_val_windows=max_val_windows, color=is_terminal())
+    run_config = {"task": "mlm", "mlpmixer_version": __version__, "model": dataclasses.asdict(config),
+                  "data": dataclasses.asdict(source), "max_val_windows": max_val_windows}
+    return fit(model, task, train, out, d_model=config.d_model, run_config=run_config, resume=resume,
+               save_extra=tok.save, quiet=quiet)
+
+
+def load(run_dir: str | os.PathLike, device: str = "cpu"):
+    """The trained model (eval mode) and its tokenizer from an MLM run directory."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise checkpoints.CheckpointError(f"run directory {str(run)!r} does not exist")
+    saved = checkpoints.read_json(run / checkpoints.CONFIG_FILE)
+    if saved.get("task") != "mlm":
+        raise checkpoints.CheckpointError(f"{str(run)!r} holds a {saved.get('task')!r} run; this needs an mlm run")
+    try:
+        config = MLMConfig(**saved["model"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise checkpoints.CheckpointError(f"{run / checkpoints.CONFIG_FILE} has an invalid model config ({e})") from None
+    model = MaskedLanguageModel(config)
+    checkpoints.load_weights(model, run / checkpoints.MODEL_FILE)
+    tok = CharTokenizer.load(run)
+    if tok.vocab_size != config.vocab_size:
+        raise checkpoints.CheckpointError(f"{run} has a vocabulary of {tok.vocab_size} but a model of {config.vocab_size}")
+    return model.to(device).eval(), tok

@@ -1,0 +1,113 @@
+"""Self-attention behind the `TokenMixer` interface, and a swap that puts token-mixing MLPs into
+any model built on ``torch.nn.MultiheadAttention``.
+
+Attention mixes tokens with weights computed from the input, softmax(Q Kᵀ / √d) V; the token-mixing
+MLP mixes them with learned weights that do not depend on the input. Both have the same interface,
+(B, N, D) in and out with a (B, N) padding mask, so they are interchangeable in a block.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import TokenMixingMlp
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention on ``scaled_dot_product_attention``; a `TokenMixer`."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, causal: bool = False):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        self.n_heads = n_heads
+        self.causal = causal
+        self.dropout = dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        # q, k, v: (B, H, N, D/H)
+        mask = None
+        if padding_mask is not None:
+            mask = ~padding_mask[:, None, None, :]  # (B, 1, 1, N), True where a key may be attended
+            if self.causal:
+                mask = mask & torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=self.causal and mask is None,
+        )
+        return self.proj(y.transpose(1, 2).reshape(b, n, d))  # (B, H, N, D/H) -> (B, N, D)
+
+
+class MixingAsAttention(nn.Module):
+    """A token-mixing MLP that answers ``torch.nn.MultiheadAttention``'s call.
+
+    ``forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None, ...)``
+    returns ``(output, None)``: there are no attention weights to return. Only self-attention
+    (query is key is value) can be replaced; an ``attn_mask`` is refused unless it is the causal
+    mask and the mixer was built causal.
+    """
+
+    def __init__(self, embed_dim: int, seq_len: int, tokens_mlp_dim: int, batch_first: bool,
+                 dropout: float = 0.0, causal: bool = False):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.batch_first = batch_first
+        # nn.TransformerEncoderLayer reads these attributes of its self_attn
+        self._qkv_same_embed_dim = True
+        self.in_proj_bias = None
+        self.in_proj_weight = None
+        self.mixer = TokenMixingMlp(seq_len, tokens_mlp_dim, dropout=dropout, causal=causal)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = True, attn_mask: Tensor | None = None,
+                average_attn_weights: bool = True, is_causal: bool = False) -> tuple[Tensor, None]:
+        if not (query is key and key is value):
+            raise ValueError("a token-mixing MLP can only replace self-attention (query is key is value); "
+                             "this call is cross-attention, keep nn.MultiheadAttention there")
+        if (attn_mask is not None or is_causal) and not self._honours(attn_mask, query.shape[0 if self.batch_first else 1]):
+            raise ValueError("this attn_mask cannot be honoured by a token-mixing MLP; only the causal mask is "
+                             "supported, and only with swap_attention(..., causal=True)")
+        if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
+            key_padding_mask = key_padding_mask != 0  # float masks: non-zero (−inf) marks padding
+        x = query if self.batch_first else query.transpose(0, 1)  # (N, B, D) -> (B, N, D)
+        y = self.mixer(x, key_padding_mask)
+        return (y if self.batch_first else y.transpose(0, 1)), None
+
+    def _honours(self, attn_mask: Tensor | None, n: int) -> bool:
+        if not self.mixer.causal:
+            return False
+        if attn_mask is None:
+            return True
+        seq = attn_mask.shape[-1]
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=attn_mask.device).tril()
+        allowed = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask == 0
+        return attn_mask.shape[-2:] == (seq, seq) and seq == n and bool((allowed == causal).all())
+
+
+def swap_attention(module: nn.Module, seq_len: int, tokens_mlp_dim: int, dropout: float = 0.0,
+                   causal: bool = False) -> nn.Module:
+    """Replace every ``nn.MultiheadAttention`` inside ``module`` with a token-mixing MLP, in place.
+
+    Works on any model, e.g. a stock ``nn.TransformerEncoder`` (batch_first or not): each replacement
+    accepts the same call and returns ``(output, None)``. Returns ``module``.
+    """
+    replaced = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.MultiheadAttention):
+                if not child._qkv_same_embed_dim:
+                    raise ValueError(f"{name}: attention with kdim/vdim != embed_dim is cross-attention; "
+                                     "a token-mixing MLP can only replace self-attention")
+                mixer = MixingAsAttention(child.embed_dim, seq_len, tokens_mlp_dim, child.batch_first,
+                                          dropout=dropout, causal=causal)
+                setattr(parent, name, mixer.to(next(child.parameters()).device))
+                replaced += 1
+    if replaced == 0:
+        raise ValueError("swap_attention found no torch.nn.MultiheadAttention to replace in this module")
+    return module

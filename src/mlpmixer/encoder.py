@@ -1,0 +1,131 @@
+"""A pre-norm transformer encoder whose token mixer is chosen by name: ``"mlp"`` or ``"attention"``.
+
+    x = x + drop(mixer(LN(x)))      mixer: TokenMixingMlp (Eq. 1) or SelfAttention
+    x = x + drop(FFN(LN(x)))        FFN: the channel-mixing MLP (Eq. 2)
+
+then a final LayerNorm. Each block owns its own token-mixing weights. Shapes: (B, N, D) throughout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .attention import SelfAttention
+from .layers import ACTIVATIONS, MixerBlock, TokenMixer, TokenMixingMlp
+
+TOKEN_MIXERS = ("mlp", "attention")
+POS_EMBEDDINGS = ("sinusoidal", "learned", "none")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncoderConfig:
+    """Shape of a token-mixer encoder. Defaults are the seed experiment's (labml's MLP-Mixer MLM)."""
+
+    seq_len: int = 32
+    """Longest sequence; the token-mixing MLP's input width S."""
+    d_model: int = 128
+    """Width of a token embedding, C."""
+    n_layers: int = 6
+    """Number of blocks."""
+    n_heads: int = 8
+    """Attention heads (``token_mixer="attention"`` only)."""
+    d_ff: int = 256
+    """Hidden width of the channel-mixing MLP (feed-forward network), D_C."""
+    tokens_mlp_dim: int = 128
+    """Hidden width of the token-mixing MLP, D_S."""
+    dropout: float = 0.1
+    """Dropout in the MLPs' hidden layers and on each residual branch."""
+    activation: str = "gelu"
+    """Non-linearity σ: one of ``layers.ACTIVATIONS``."""
+    token_mixer: str = "mlp"
+    """``"mlp"`` (the paper's token-mixing MLP) or ``"attention"`` (multi-head self-attention)."""
+    causal: bool = False
+    """Position i sees only positions <= i (autoregressive models)."""
+    pos_embedding: str = "sinusoidal"
+    """Position information added to the token embeddings: sinusoidal (the seed's), learned, none."""
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "d_model", "n_layers", "n_heads", "d_ff", "tokens_mlp_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        _check_choice("token_mixer", self.token_mixer, TOKEN_MIXERS)
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("pos_embedding", self.pos_embedding, POS_EMBEDDINGS)
+        if self.token_mixer == "attention" and self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.token_mixer == "mlp" and self.causal and self.tokens_mlp_dim != self.seq_len:
+            raise ValueError(f"causal token mixing needs tokens_mlp_dim == seq_len; got tokens_mlp_dim="
+                             f"{self.tokens_mlp_dim}, seq_len={self.seq_len} (set --tokens-mlp-dim {self.seq_len})")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+
+
+def make_token_mixer(config: EncoderConfig) -> TokenMixer:
+    """One block's token mixer, as named by ``config.token_mixer``."""
+    if config.token_mixer == "mlp":
+        return TokenMixingMlp(config.seq_len, config.tokens_mlp_dim, dropout=config.dropout,
+                              activation=config.activation, causal=config.causal)
+    return SelfAttention(config.d_model, config.n_heads, dropout=config.dropout, causal=config.causal)
+
+
+class Encoder(nn.Module):
+    """``n_layers`` pre-norm blocks and a final LayerNorm; (B, N, D) -> (B, N, D)."""
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.config = config
+        self.blocks = nn.ModuleList(
+            MixerBlock(config.d_model, make_token_mixer(config), config.d_ff, dropout=config.dropout,
+                       activation=config.activation, eps=1e-5)
+            for _ in range(config.n_layers)
+        )
+        self.norm = nn.LayerNorm(config.d_model)
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        for block in self.blocks:
+            x = block(x, padding_mask)
+        return self.norm(x)
+
+
+class TokenEmbedding(nn.Module):
+    """Token embedding scaled by √D plus a position embedding: ids (B, N) -> (B, N, D)."""
+
+    def __init__(self, vocab_size: int, config: EncoderConfig):
+        super().__init__()
+        self.scale = math.sqrt(config.d_model)
+        self.tokens = nn.Embedding(vocab_size, config.d_model)
+        self.kind = config.pos_embedding
+        if self.kind == "learned":
+            self.positions = nn.Parameter(torch.zeros(config.seq_len, config.d_model))
+        elif self.kind == "sinusoidal":
+            self.register_buffer("positions", sinusoidal_positions(config.seq_len, config.d_model), persistent=False)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        x = self.tokens(ids) * self.scale
+        if self.kind != "none":
+            x = x + self.positions[: ids.shape[1]]
+        return x
+
+
+def sinusoidal_positions(n: int, d: int) -> Tensor:
+    """The fixed encodings of Vaswani et al.: sin on even channels, cos on odd; (n, d)."""
+    position = torch.arange(n, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))
+    table = torch.zeros(n, d)
+    table[:, 0::2] = torch.sin(position * freq)
+    table[:, 1::2] = torch.cos(position * freq)[:, : d // 2]
+    return table

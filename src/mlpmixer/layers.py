@@ -1,0 +1,185 @@
+"""The parts of MLP-Mixer (Tolstikhin et al., 2021, arXiv 2105.01601).
+
+A Mixer block applies two MLPs to a table of S tokens x C channels, X of shape (B, S, C):
+
+    U = X + W2 · σ(W1 · LN(X))            token mixing, Eq. 1: an MLP along the sequence,
+                                           shared by every channel   (W1: D_S x S, W2: S x D_S)
+    Y = U + W4 · σ(W3 · LN(U)ᵀ)ᵀ          channel mixing, Eq. 2: an MLP along the channels,
+                                           shared by every token     (W3: D_C x C, W4: C x D_C)
+
+The token-mixing MLP moves information between positions, which is the job attention does in a
+transformer; `TokenMixer` is the interface both implement, so a block does not care which it holds.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+
+
+def activation_fn(name: str):
+    """The element-wise non-linearity σ by name (``gelu_tanh`` is Flax's default ``nn.gelu``)."""
+    if name == "gelu":
+        return F.gelu
+    if name == "gelu_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu
+    if name == "silu":
+        return F.silu
+    raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
+
+
+@runtime_checkable
+class TokenMixer(Protocol):
+    """Anything that mixes information across the sequence axis.
+
+    ``x`` is batch-first (B, N, D); ``padding_mask`` is bool (B, N), True at padding (the
+    ``key_padding_mask`` convention of ``torch.nn.MultiheadAttention``). Padded positions must
+    contribute nothing to real ones. Returns (B, N, D).
+    """
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor: ...
+
+    def __call__(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor: ...
+
+
+class Mlp(nn.Module):
+    """Two dense layers with a non-linearity between: ``fc2(drop(σ(fc1(x))))`` on the last axis.
+
+    This is the channel-mixing MLP of Eq. 2 (and a transformer's feed-forward network).
+    """
+
+    def __init__(self, in_features: int, hidden_features: int, dropout: float = 0.0,
+                 activation: str = "gelu"):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = activation_fn(activation)
+        self.drop = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden_features, in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.drop(self.act(self.fc1(x))))
+
+
+class TokenMixingMlp(nn.Module):
+    """The MLP of Eq. 1 applied along the sequence axis, shared across channels: ``W2·σ(W1·X)``.
+
+    Weights are stored as ``nn.Linear`` weights, ``fc1.weight`` (D_S, S) and ``fc2.weight``
+    (S, D_S), the layout of timm's ``mlp_tokens``; how the forward pass lays out the product is an
+    internal detail.
+
+    Variable length: a sequence of N < ``seq_len`` tokens is treated as right-padded, i.e. only the
+    first N columns of W1 and the first N rows of W2 are used. Positions marked in ``padding_mask``
+    are zeroed before mixing, so they contribute nothing to other positions, and their outputs are
+    zero.
+
+    ``causal=True`` makes output i depend only on inputs j <= i: both weight matrices are masked to
+    their lower triangle in every forward pass (so optimiser updates to the upper triangle never
+    matter), which needs a square hidden layer, ``tokens_mlp_dim == seq_len``:
+    ``h_k = σ(Σ_{j<=k} W1[k, j] x_j + b1_k)`` and ``y_i = Σ_{k<=i} W2[i, k] h_k + b2_i``.
+    """
+
+    def __init__(self, seq_len: int, tokens_mlp_dim: int, dropout: float = 0.0,
+                 activation: str = "gelu", causal: bool = False):
+        super().__init__()
+        if seq_len <= 0 or tokens_mlp_dim <= 0:
+            raise ValueError(f"seq_len ({seq_len}) and tokens_mlp_dim ({tokens_mlp_dim}) must be positive")
+        if causal and tokens_mlp_dim != seq_len:
+            raise ValueError(
+                f"causal token mixing needs tokens_mlp_dim == seq_len (got tokens_mlp_dim={tokens_mlp_dim}, "
+                f"seq_len={seq_len}): only square lower-triangular weights keep it exactly causal"
+            )
+        self.seq_len = seq_len
+        self.causal = causal
+        self.fc1 = nn.Linear(seq_len, tokens_mlp_dim)
+        self.act = activation_fn(activation)
+        self.drop = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(tokens_mlp_dim, seq_len)
+        if causal:
+            self.register_buffer("tril", torch.ones(seq_len, seq_len).tril().bool(), persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"seq_len={self.seq_len}, causal={self.causal}"
+
+    def weights(self, n: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """W1 (D_S, n), b1 (D_S,), W2 (n, D_S), b2 (n,) for a sequence of n <= seq_len tokens."""
+        w1, w2 = self.fc1.weight, self.fc2.weight
+        if self.causal:
+            w1 = w1.masked_fill(~self.tril, 0.0)
+            w2 = w2.masked_fill(~self.tril, 0.0)
+        return w1[:, :n], self.fc1.bias, w2[:n], self.fc2.bias[:n]
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        n = x.shape[1]
+        if n > self.seq_len:
+            raise ValueError(
+                f"sequence length {n} is longer than the token-mixing MLP's seq_len {self.seq_len}; "
+                f"build the model with seq_len >= {n} or split the input into windows"
+            )
+        if padding_mask is not None:
+            x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+        w1, b1, w2, b2 = self.weights(n)
+        h = F.linear(x.transpose(1, 2), w1, b1)  # (B, N, D) -> (B, D, N) -> (B, D, D_S)
+        h = self.drop(self.act(h))
+        y = F.linear(h, w2, b2).transpose(1, 2)  # (B, D, D_S) -> (B, D, N) -> (B, N, D)
+        if padding_mask is not None:
+            y = y.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+        return y
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops a sample's whole residual branch with probability ``p`` in training."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+
+class MixerBlock(nn.Module):
+    """Pre-norm block: ``x + drop(mixer(LN(x)))`` then ``x + drop(MLP(LN(x)))``.
+
+    ``mlp_tokens`` holds any `TokenMixer` (the paper's token-mixing MLP, or attention); the module
+    names follow the official checkpoints as timm spells them (``norm1``, ``mlp_tokens``, ``norm2``,
+    ``mlp_channels``), so pretrained weights load without renaming.
+    """
+
+    def __init__(self, dim: int, token_mixer: TokenMixer, channels_mlp_dim: int, dropout: float = 0.0,
+                 drop_path: float = 0.0, activation: str = "gelu", eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.mlp_tokens = token_mixer
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp_channels = Mlp(dim, channels_mlp_dim, dropout=dropout, activation=activation)
+        self.drop = nn.Dropout(dropout)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        x = x + self.drop_path(self.drop(self.mlp_tokens(self.norm1(x), padding_mask)))
+        return x + self.drop_path(self.drop(self.mlp_channels(self.norm2(x))))
+
+
+class PatchEmbed(nn.Module):
+    """Per-patch linear embedding: a convolution with kernel = stride = patch size.
+
+    (B, in_chans, H, W) -> (B, S, C) with S = (H / P) · (W / P) tokens in row-major order.
+    """
+
+    def __init__(self, patch_size: int, in_chans: int, hidden_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, hidden_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H/P, W/P) -> (B, S, C)
