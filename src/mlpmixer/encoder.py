@@ -96,13 +96,18 @@ class Encoder(nn.Module):
         self.norm = nn.LayerNorm(config.d_model)
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """x: (B, N, D) -> (B, N, D)."""
+        return self.forward_seq_first(x.transpose(0, 1).contiguous(), padding_mask).transpose(0, 1)
+
+    def forward_seq_first(self, xs: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """xs: (N, B, D) -> (N, B, D); the layout that makes token mixing a plain GEMM."""
         for block in self.blocks:
-            x = block(x, padding_mask)
-        return self.norm(x)
+            xs = block.forward_seq_first(xs, padding_mask)
+        return self.norm(xs)
 
 
 class TokenEmbedding(nn.Module):
-    """Token embedding scaled by √D plus a position embedding: ids (B, N) -> (B, N, D)."""
+    """Token embedding scaled by √D plus a position embedding: ids (B, N) -> (N, B, D), sequence-first."""
 
     def __init__(self, vocab_size: int, config: EncoderConfig):
         super().__init__()
@@ -115,10 +120,10 @@ class TokenEmbedding(nn.Module):
             self.register_buffer("positions", sinusoidal_positions(config.seq_len, config.d_model), persistent=False)
 
     def forward(self, ids: Tensor) -> Tensor:
-        x = self.tokens(ids) * self.scale
+        xs = self.tokens(ids.t()) * self.scale  # (N, B, D)
         if self.kind != "none":
-            x = x + self.positions[: ids.shape[1]]
-        return x
+            xs = xs + self.positions[: ids.shape[1], None]
+        return xs
 
 
 def sinusoidal_positions(n: int, d: int) -> Tensor:

@@ -116,34 +116,49 @@ class TokenMixingMlp(nn.Module):
         return w1[:, :n], self.fc1.bias, w2[:n], self.fc2.bias[:n]
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        n = x.shape[1]
+        b, n, d = x.shape
         if n > self.seq_len:
             raise ValueError(
                 f"sequence length {n} is longer than the token-mixing MLP's seq_len {self.seq_len}; "
                 f"build the model with seq_len >= {n} or split the input into windows"
             )
         if padding_mask is not None:
-            x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+            x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)  # keeps x's memory layout
         w1, b1, w2, b2 = self.weights(n)
-        h = F.linear(x.transpose(1, 2), w1, b1)  # (B, N, D) -> (B, D, N) -> (B, D, D_S)
-        h = self.drop(self.act(h))
-        y = F.linear(h, w2, b2).transpose(1, 2)  # (B, D, D_S) -> (B, D, N) -> (B, N, D)
+        xs = x.transpose(0, 1)  # (B, N, D) -> (N, B, D)
+        if xs.is_contiguous():
+            # Sequence-first memory: Eq. 1 is two plain GEMMs over all channels of all sequences at once.
+            h = torch.addmm(b1[:, None], w1, xs.reshape(n, b * d))  # (D_S, N) @ (N, B·D) -> (D_S, B·D)
+            h = self.drop(self.act(h))
+            y = torch.addmm(b2[:, None], w2, h).view(n, b, d).transpose(0, 1)  # (N, B·D) -> (B, N, D)
+        else:
+            h = F.linear(x.transpose(1, 2), w1, b1)  # (B, N, D) -> (B, D, N) -> (B, D, D_S)
+            h = self.drop(self.act(h))
+            y = F.linear(h, w2, b2).transpose(1, 2)  # (B, D, D_S) -> (B, D, N) -> (B, N, D)
         if padding_mask is not None:
             y = y.masked_fill(padding_mask.unsqueeze(-1), 0.0)
         return y
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drops a sample's whole residual branch with probability ``p`` in training."""
+    """Stochastic depth: drops a sample's whole residual branch with probability ``p`` in training.
 
-    def __init__(self, p: float = 0.0):
+    ``batch_dim`` is the axis that indexes samples (1 for the sequence-first (N, B, D) layout).
+    """
+
+    def __init__(self, p: float = 0.0, batch_dim: int = 0):
         super().__init__()
-        self.p = p
+        self.p, self.batch_dim = p, batch_dim
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
     def forward(self, x: Tensor) -> Tensor:
         if self.p == 0.0 or not self.training:
             return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
+        shape = [1] * x.ndim
+        shape[self.batch_dim] = x.shape[self.batch_dim]
+        keep = x.new_empty(shape).bernoulli_(1.0 - self.p)
         return x * keep / (1.0 - self.p)
 
 
@@ -163,11 +178,21 @@ class MixerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp_channels = Mlp(dim, channels_mlp_dim, dropout=dropout, activation=activation)
         self.drop = nn.Dropout(dropout)
-        self.drop_path = DropPath(drop_path)
+        self.drop_path = DropPath(drop_path, batch_dim=1)  # blocks run sequence-first
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        x = x + self.drop_path(self.drop(self.mlp_tokens(self.norm1(x), padding_mask)))
-        return x + self.drop_path(self.drop(self.mlp_channels(self.norm2(x))))
+        """x: (B, N, D) -> (B, N, D)."""
+        return self.forward_seq_first(x.transpose(0, 1).contiguous(), padding_mask).transpose(0, 1)
+
+    def forward_seq_first(self, xs: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """xs: (N, B, D) -> (N, B, D), the layout models keep between blocks.
+
+        In sequence-first memory the token mixer's (B, N, D) view turns Eq. 1 into plain GEMMs, and
+        LayerNorm and the channel MLP (Eq. 2) are position-wise, so no step copies the activations.
+        """
+        mixed = self.mlp_tokens(self.norm1(xs).transpose(0, 1), padding_mask).transpose(0, 1)  # (N, B, D)
+        xs = xs + self.drop_path(self.drop(mixed))
+        return xs + self.drop_path(self.drop(self.mlp_channels(self.norm2(xs))))
 
 
 class PatchEmbed(nn.Module):

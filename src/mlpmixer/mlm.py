@@ -47,7 +47,8 @@ class MaskedLanguageModel(nn.Module):
         self.head = nn.Linear(config.d_model, config.vocab_size)
 
     def forward(self, input_ids: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        return self.head(self.encoder(self.embed(input_ids), padding_mask))  # (B, N, vocab_size)
+        xs = self.encoder.forward_seq_first(self.embed(input_ids), padding_mask)  # (N, B, D)
+        return self.head(xs).transpose(0, 1)  # (N, B, vocab_size) -> (B, N, vocab_size)
 
 
 def mask_tokens(ids: Tensor, *, mask_id: int, vocab_size: int, special_ids: list[int] | tuple[int, ...],
