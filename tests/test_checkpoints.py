@@ -1,0 +1,83 @@
+"""Run directories: safetensors weights, config.json, trainer state, metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mlpmixer import MaskedLanguageModel
+from mlpmixer import checkpoints as ck
+
+
+def test_weights_round_trip(tmp_path, tiny_mlm_config):
+    model = MaskedLanguageModel(tiny_mlm_config())
+    ck.save_weights(model, tmp_path / "model.safetensors")
+    other = MaskedLanguageModel(tiny_mlm_config())
+    assert not torch.equal(other.head.weight, model.head.weight)
+    ck.load_weights(other, tmp_path / "model.safetensors")
+    for (k, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"], "no temporary files left"
+
+
+def test_mismatched_weights_are_one_clear_error(tmp_path, tiny_mlm_config):
+    ck.save_weights(MaskedLanguageModel(tiny_mlm_config(d_model=24, n_heads=4)), tmp_path / "model.safetensors")
+    with pytest.raises(ck.CheckpointError, match="mis-shaped"):
+        ck.load_weights(MaskedLanguageModel(tiny_mlm_config()), tmp_path / "model.safetensors")
+    ck.save_weights(MaskedLanguageModel(tiny_mlm_config(n_layers=1)), tmp_path / "model.safetensors")
+    with pytest.raises(ck.CheckpointError, match="missing"):
+        ck.load_weights(MaskedLanguageModel(tiny_mlm_config()), tmp_path / "model.safetensors")
+
+
+def test_truncated_or_missing_weights(tmp_path, tiny_mlm_config):
+    model = MaskedLanguageModel(tiny_mlm_config())
+    with pytest.raises(ck.CheckpointError, match="no model.safetensors"):
+        ck.load_weights(model, tmp_path / "model.safetensors")
+    ck.save_weights(model, tmp_path / "model.safetensors")
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ck.CheckpointError, match="truncated"):
+        ck.load_weights(model, tmp_path / "model.safetensors")
+
+
+def test_json_helpers(tmp_path):
+    ck.write_json(tmp_path / "config.json", {"a": 1, "b": [1, 2]})
+    assert ck.read_json(tmp_path / "config.json") == {"a": 1, "b": [1, 2]}
+    with pytest.raises(ck.CheckpointError, match="no missing.json"):
+        ck.read_json(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ck.CheckpointError, match="not valid JSON"):
+        ck.read_json(tmp_path / "bad.json")
+
+
+def test_metrics_log_truncates_on_resume_and_skips_cut_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    log = ck.MetricsLog(path)
+    for step in (5, 10, 15, 20):
+        log.write({"step": step, "loss": 1.0 / step})
+    with open(path, "a") as f:
+        f.write('{"step": 25, "lo')  # a line cut short by a crash
+    assert [r["step"] for r in ck.read_metrics(path)] == [5, 10, 15, 20]
+    ck.MetricsLog(path, truncate_after=10)
+    assert [r["step"] for r in ck.read_metrics(path)] == [5, 10]
+    ck.MetricsLog(path)  # a fresh run starts an empty log
+    assert ck.read_metrics(path) == []
+    assert all(json.loads(line) for line in path.read_text().splitlines() if line)
+
+
+def test_trainer_state_refuses_pickled_objects(tmp_path, tiny_mlm_config):
+    model = MaskedLanguageModel(tiny_mlm_config())
+    opt = torch.optim.Adam(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    ck.save_trainer_state(tmp_path, model, opt, sched, 7)
+    assert ck.load_trainer_state(tmp_path, model, opt, sched) == 7
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"step": 1, "evil": Evil()}, tmp_path / "trainer_state.pt")
+    with pytest.raises(ck.CheckpointError, match="refused"):
+        ck.load_trainer_state(tmp_path, model, opt, sched)

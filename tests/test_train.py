@@ -1,0 +1,162 @@
+"""The training loop: config, Noam and AdamW schedules, exact resume, validation, and that it learns."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from mlpmixer import MaskedLanguageModel, load
+from mlpmixer.api import TextSource, resume_mlm, train_mlm
+from mlpmixer.mlm import SAMPLE_PROMPTS
+from mlpmixer.train import TrainConfig, make_optimizer
+
+TINY_MODEL = dict(seq_len=16, d_model=32, n_layers=1, d_ff=32, tokens_mlp_dim=16)
+
+
+def noam(step: int, d_model: int, warmup: int, factor: float = 1.0) -> float:
+    t = step + 1
+    return factor * d_model ** -0.5 * min(t ** -0.5, t * warmup ** -1.5)
+
+
+# --- config --------------------------------------------------------------------------------------------
+
+def test_train_config_defaults_are_the_seed_experiment():
+    c = TrainConfig()
+    assert (c.optimizer, c.lr, c.warmup, c.grad_clip, c.batch_size) == ("noam", 1.0, 2000, 1.0, 64)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("steps", 0), ("batch_size", 0), ("eval_every", 0), ("log_every", -1), ("ckpt_every", 0),
+    ("optimizer", "sgd"), ("precision", "fp8"), ("lr", 0.0), ("warmup", -1), ("grad_clip", -1.0),
+])
+def test_train_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError) as err:
+        TrainConfig(**{field: value})
+    assert field in str(err.value)
+
+
+def test_train_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TrainConfig().steps = 1
+
+
+# --- schedules -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("d_model, warmup, factor", [(128, 2000, 1.0), (32, 10, 2.0)])
+def test_noam_schedule_values(d_model, warmup, factor):
+    model = torch.nn.Linear(4, 4)
+    opt, sched = make_optimizer(model, TrainConfig(lr=factor, warmup=warmup), d_model)
+    assert opt.param_groups[0]["betas"] == (0.9, 0.999)
+    seen = []
+    for step in range(3 * warmup if warmup < 100 else 50):
+        lr = opt.param_groups[0]["lr"]  # the rate of optimiser step `step` (0-based)
+        assert lr == pytest.approx(noam(step, d_model, warmup, factor), rel=1e-12), step
+        seen.append(lr)
+        opt.step()
+        sched.step()
+    if warmup < 100:
+        peak = max(range(len(seen)), key=seen.__getitem__)
+        assert peak == warmup - 1, "the peak is at t = warmup"
+        assert seen[peak] == pytest.approx(factor * d_model ** -0.5 * warmup ** -0.5)
+
+
+def test_noam_spot_values():
+    # hand-computed: d_model 128, warmup 2000 -> t=1: 128^-0.5 · 2000^-1.5; t=2000: 128^-0.5 · 2000^-0.5
+    assert noam(0, 128, 2000) == pytest.approx(1 / math.sqrt(128) / 2000 ** 1.5)
+    model = torch.nn.Linear(2, 2)
+    opt, sched = make_optimizer(model, TrainConfig(), 128)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1 / math.sqrt(128) / 2000 ** 1.5, rel=1e-12)
+    for _ in range(1999):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1 / math.sqrt(128) / math.sqrt(2000), rel=1e-12)
+    for _ in range(2000):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1 / math.sqrt(128) / math.sqrt(4000), rel=1e-12)
+
+
+def test_adamw_warmup_then_cosine():
+    model = torch.nn.Linear(4, 4)
+    config = TrainConfig(optimizer="adamw", lr=1e-3, warmup=10, steps=110, weight_decay=0.1)
+    opt, sched = make_optimizer(model, config, 4)
+    lrs = []
+    for _ in range(110):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert lrs[10] == pytest.approx(1e-3)
+    assert lrs[60] == pytest.approx(0.5e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])), "cosine decays monotonically"
+    assert lrs[-1] < 1e-6
+    decays = sorted(g["weight_decay"] for g in opt.param_groups)
+    assert decays == [0.0, 0.1], "biases and norms are exempt from weight decay"
+
+
+# --- fit --------------------------------------------------------------------------------------------------
+
+def run(text_file, out, steps=20, **train):
+    config = TrainConfig(**{"steps": steps, "batch_size": 8, "eval_every": 10, "log_every": 5, "warmup": 10,
+                            "device": "cpu", **train})
+    return train_mlm({**TINY_MODEL, "dropout": 0.2}, config, TextSource(text_file=str(text_file)), out, quiet=True)
+
+
+def test_fit_writes_metrics_and_returns_eval_mode_validation(sonnet_file, tmp_path):
+    out = tmp_path / "run"
+    metrics = run(sonnet_file, out)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    val_rows = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in train_rows] == [5, 10, 15, 20]
+    assert [r["step"] for r in val_rows] == [10, 20]
+    for r in train_rows:
+        # the rate of the row's last step (t = step) or of the next one (t = step + 1, get_last_lr())
+        assert r["lr"] == pytest.approx(noam(r["step"], 32, 10)) or r["lr"] == pytest.approx(noam(r["step"] - 1, 32, 10))
+        assert r["tokens_per_s"] > 0 and 0.0 <= r["accuracy"] <= 1.0 and math.isfinite(r["loss"])
+    elapsed = [r["elapsed_s"] for r in train_rows]
+    assert elapsed == sorted(elapsed)
+    assert metrics == {k: val_rows[-1][k] for k in ("val_loss", "val_accuracy")}
+    # validation ran in eval mode (no dropout) with fixed masks: the saved model reproduces it exactly
+    model, tok = load(out)
+    from mlpmixer.data.windows import split_train_val
+    from mlpmixer.mlm import MLMTask
+    ids = tok.encode(sonnet_file.read_text(encoding="utf-8"))
+    train_ids, val_ids = split_train_val(ids)
+    task = MLMTask(train_ids, val_ids, tok, 16, 8, 0, torch.device("cpu"))
+    assert task.evaluate(model.eval()) == pytest.approx(metrics, rel=1e-6)
+    model.train()
+    assert task.evaluate(model) != pytest.approx(metrics, rel=1e-6), "dropout 0.2 would change the figures"
+
+
+def test_resume_repeats_an_uninterrupted_run(sonnet_file, tmp_path):
+    straight = tmp_path / "straight"
+    run(sonnet_file, straight, steps=30)
+    part = tmp_path / "part"
+    run(sonnet_file, part, steps=20)
+    resume_mlm(part, steps=30, quiet=True)
+    a, _ = load(straight)
+    b, _ = load(part)
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=k)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("elapsed_s", "tokens_per_s")} for r in rows]
+    read = lambda d: [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert strip(read(part)) == strip(read(straight))
+
+
+def test_a_tiny_mlm_learns(tmp_path):
+    """On a periodic text every character is fixed by its neighbours, so masked characters can be
+    recovered only by mixing tokens; a tiny model must get nearly all of them within 300 steps."""
+    alphabet = "".join(sorted(set("".join(SAMPLE_PROMPTS))))  # every sample-prompt character
+    path = tmp_path / "periodic.txt"
+    path.write_text(alphabet * 200, encoding="utf-8")
+    config = TrainConfig(steps=300, batch_size=16, warmup=30, eval_every=300, log_every=25, device="cpu")
+    metrics = train_mlm({**TINY_MODEL, "dropout": 0.0, "token_mixer": "mlp"}, config,
+                        TextSource(text_file=str(path)), tmp_path / "run", quiet=True)
+    assert metrics["val_accuracy"] > 0.9, metrics
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["accuracy"] < 0.5, "it starts by guessing"
