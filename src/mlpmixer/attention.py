@@ -70,7 +70,7 @@ class MixingAsAttention(nn.Module):
         if not (query is key and key is value):
             raise ValueError("a token-mixing MLP can only replace self-attention (query is key is value); "
                              "this call is cross-attention, keep nn.MultiheadAttention there")
-        if (attn_mask is not None or is_causal) and not self._honours(attn_mask, query.shape[0 if self.batch_first else 1]):
+        if (attn_mask is not None or is_causal) and not self._honours(attn_mask, query.shape[1 if self.batch_first else 0]):
             raise ValueError("this attn_mask cannot be honoured by a token-mixing MLP; only the causal mask is "
                              "supported, and only with swap_attention(..., causal=True)")
         if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
@@ -98,6 +98,9 @@ def swap_attention(module: nn.Module, seq_len: int, tokens_mlp_dim: int, dropout
     accepts the same call and returns ``(output, None)``. Returns ``module``.
     """
     replaced = 0
+    for m in module.modules():
+        if isinstance(m, nn.TransformerEncoder):
+            m.use_nested_tensor = False  # its fast path would call attention kernels the mixer does not have
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.MultiheadAttention):

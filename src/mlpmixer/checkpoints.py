@@ -34,6 +34,7 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the run from other users
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -45,14 +46,14 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))
 
 
 def read_json(path: Path) -> dict:
     if not path.exists():
         raise CheckpointError(f"no {path.name} in {str(path.parent)!r}; is it an mlpmixer run directory?")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
 

@@ -52,9 +52,9 @@ class EncoderConfig:
     def __post_init__(self) -> None:
         for name in ("seq_len", "d_model", "n_layers", "n_heads", "d_ff", "tokens_mlp_dim"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not 0.0 <= self.dropout < 1.0:
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         _check_choice("token_mixer", self.token_mixer, TOKEN_MIXERS)
         _check_choice("activation", self.activation, ACTIVATIONS)

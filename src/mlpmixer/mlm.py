@@ -27,7 +27,7 @@ class MLMConfig(EncoderConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.vocab_size, int) or self.vocab_size < 3:
+        if not isinstance(self.vocab_size, int) or isinstance(self.vocab_size, bool) or self.vocab_size < 3:
             raise ValueError(f"vocab_size must be an integer >= 3 (two specials and a character), got {self.vocab_size!r}")
 
     @property
@@ -64,8 +64,9 @@ def mask_tokens(ids: Tensor, *, mask_id: int, vocab_size: int, special_ids: list
         raise ValueError(f"mask_id {mask_id} must be one of special_ids {list(special_ids)}")
     if not 0.0 < mlm_probability < 1.0:
         raise ValueError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
-    specials = torch.tensor(list(special_ids), device=ids.device)
-    ordinary = torch.tensor([i for i in range(vocab_size) if i not in set(special_ids)], device=ids.device)
+    specials = torch.tensor(list(special_ids), dtype=ids.dtype, device=ids.device)
+    ordinary = torch.tensor([i for i in range(vocab_size) if i not in set(special_ids)], dtype=ids.dtype,
+                            device=ids.device)
     if len(ordinary) == 0:
         raise ValueError("the vocabulary has no ordinary tokens to mask")
     chosen = (torch.rand(ids.shape, generator=generator, device=ids.device) < mlm_probability)
@@ -81,10 +82,12 @@ def mask_tokens(ids: Tensor, *, mask_id: int, vocab_size: int, special_ids: list
 def mlm_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Cross-entropy over chosen positions; also returns (correct, chosen) counts for accuracy."""
     flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
-    loss = F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=IGNORE_INDEX)
     chosen = flat_labels != IGNORE_INDEX
+    count = chosen.sum()
+    # summed then divided, so a batch with nothing chosen gives 0 (not 0/0) and no gradient
+    loss = F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
     correct = ((flat_logits.argmax(-1) == flat_labels) & chosen).sum()
-    return loss, correct, chosen.sum()
+    return loss / count.clamp(min=1), correct, count
 
 
 # --- training task -------------------------------------------------------------------------------
@@ -119,34 +122,59 @@ class MLMTask:
         return mask_tokens(ids, mask_id=self.tok.mask_id, vocab_size=self.tok.vocab_size,
                            special_ids=self.tok.special_ids, generator=generator)
 
-    def batch(self, step: int, generator: torch.Generator) -> Tensor:
-        return self.sampler.batch(step).to(self.device, non_blocking=True)
+    def batch(self, step: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(inputs, labels) of the whole global batch, masked before any rank takes its shard."""
+        return self._mask(self.sampler.batch(step).to(self.device, non_blocking=True), generator)
 
-    def loss(self, model: nn.Module, batch: Tensor, generator: torch.Generator):
-        inputs, labels = self._mask(batch, generator)
+    def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor], generator: torch.Generator):
+        inputs, labels = batch
         loss, correct, count = mlm_loss(model(inputs), labels)
         return loss, {"correct": correct, "count": count}
 
-    def tokens_per_batch(self, batch: Tensor) -> int:
-        return batch.numel()
+    def tokens_per_batch(self, batch: tuple[Tensor, Tensor]) -> int:
+        return batch[0].numel()
 
     def epoch(self, step: int) -> float:
         return step / self.sampler.per_epoch
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        generator = torch.Generator(device=self.device).manual_seed(1234)  # same masks at every evaluation
-        total_loss, correct, count = 0.0, 0, 0
-        for chunk in self.val.split(self.eval_batch_size):
+        return self.summarise(self.evaluate_sums(model))
+
+    def evaluate_sums(self, model: nn.Module, rank: int = 0, world: int = 1) -> dict[str, float]:
+        """Summed loss, correct and chosen counts over this rank's share of the validation batches.
+
+        Each validation batch is masked from its own fixed seed, so the masks are the same at every
+        evaluation and whatever the number of ranks.
+        """
+        sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+        for i, chunk in enumerate(self.val.split(self.eval_batch_size)):
+            if i % world != rank:
+                continue
+            generator = torch.Generator(device=self.device).manual_seed(1234 + i)
             inputs, labels = self._mask(chunk.to(self.device), generator)
-            loss, c, n = mlm_loss(model(inputs), labels)
-            total_loss, correct, count = total_loss + loss.item() * int(n), correct + int(c), count + int(n)
-        return {"val_loss": total_loss / max(count, 1), "val_accuracy": correct / max(count, 1)}
+            loss, correct, count = mlm_loss(model(inputs), labels)
+            sums["loss"] += loss.item() * int(count)
+            sums["correct"] += int(correct)
+            sums["count"] += int(count)
+        return sums
+
+    @staticmethod
+    def summarise(sums: dict[str, float]) -> dict[str, float]:
+        n = max(sums["count"], 1.0)
+        return {"val_loss": sums["loss"] / n, "val_accuracy": sums["correct"] / n}
+
+    def sample_windows(self) -> list[Tensor]:
+        """The seed's prompts where the vocabulary has their characters, else the first validation windows."""
+        prompts = [p[: self.seq_len] for p in SAMPLE_PROMPTS if set(p) <= self.tok.stoi.keys()]
+        if prompts:
+            return [self.tok.encode(p) for p in prompts]
+        return list(self.val[: len(SAMPLE_PROMPTS)])
 
     def report(self, model: nn.Module, step: int) -> str:
         generator = torch.Generator(device=self.device).manual_seed(4321)
         lines = []
-        for prompt in SAMPLE_PROMPTS:
-            ids = self.tok.encode(prompt[: self.seq_len]).to(self.device)[None]
+        for ids in self.sample_windows():
+            ids = ids.to(self.device)[None]
             inputs, labels = self._mask(ids, generator)
             predicted = model(inputs).argmax(-1)[0]
             lines.append(render_fill(self.tok, inputs[0], labels[0], predicted, self.color))

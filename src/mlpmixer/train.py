@@ -1,5 +1,6 @@
-"""One training loop for every task: optimiser and schedule, clipping, autocast, periodic validation,
-metrics.jsonl, atomic checkpoints and exact resume.
+"""One training loop for every task: optimiser and schedule, clipping, autocast, torch.compile,
+data-parallel ranks (torchrun), gradient accumulation, periodic validation, metrics.jsonl,
+TensorBoard, atomic checkpoints, exact resume and Ctrl-C that saves.
 
 A task supplies its batches, its loss and its validation; ``fit`` does the rest. Everything random
 in a step (the batch, the masking, dropout) is derived from (seed, step), so a resumed run repeats
@@ -8,11 +9,13 @@ an uninterrupted one exactly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +25,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import checkpoints
+from . import checkpoints, distributed
+from .distributed import resolve_device  # noqa: F401  (re-exported for callers)
 
 OPTIMIZERS = ("noam", "adamw")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -58,9 +62,13 @@ class TrainConfig:
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
     precision: str = "fp32"
     """Autocast dtype for the forward pass: fp32 (off), bf16 or fp16 (CUDA)."""
+    grad_accum: int = 1
+    """Split each batch into this many sequential micro-batches (same result, less memory)."""
+    compile: bool = False
+    """Compile the model with torch.compile."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "eval_every", "log_every", "ckpt_every"):
+        for name in ("steps", "batch_size", "eval_every", "log_every", "ckpt_every", "grad_accum"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.warmup < 0 or self.lr <= 0 or self.grad_clip < 0 or self.weight_decay < 0:
@@ -95,15 +103,6 @@ class Task(Protocol):
         """Epochs done at ``step``."""
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} asked for CUDA, but no CUDA device is available; use --device cpu")
-    return device
-
-
 def make_optimizer(model: nn.Module, config: TrainConfig, d_model: int):
     """Adam/AdamW and a LambdaLR schedule; biases and norms are exempt from weight decay."""
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -126,96 +125,221 @@ def make_optimizer(model: nn.Module, config: TrainConfig, d_model: int):
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class _StopFlag:
+    """Ctrl-C sets a flag that the loop reads between steps, so a checkpoint is never half a step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "_StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def fit(model: nn.Module, task: Task, config: TrainConfig, out_dir: str | os.PathLike, *, d_model: int,
-        run_config: dict, resume: bool = False, save_extra=None, quiet: bool = False) -> dict[str, float]:
+        run_config: dict, resume: bool = False, save_extra=None, quiet: bool = False,
+        tensorboard: bool = False) -> dict[str, float]:
     """Train ``model`` on ``task`` for ``config.steps`` steps, writing the run into ``out_dir``.
 
-    ``run_config`` goes to config.json (with ``config`` under "train"); ``save_extra(dir)`` writes
-    task files such as the vocabulary. Returns the last validation metrics.
+    Under torchrun every rank calls this; rank 0 alone prints, logs and checkpoints. ``run_config``
+    goes to config.json (with ``config`` under "train"); ``save_extra(dir)`` writes task files such
+    as the vocabulary. Returns the last validation metrics.
     """
+    ctx = distributed.setup(config.device)
+    if config.batch_size % (ctx.world * config.grad_accum):
+        raise ValueError(f"--batch-size {config.batch_size} is not divisible by world size {ctx.world} x "
+                         f"--grad-accum {config.grad_accum}; choose a multiple of {ctx.world * config.grad_accum}")
     out = Path(out_dir)
-    device = resolve_device(config.device)
-    model.to(device)
+    model.to(ctx.device)
     opt, sched = make_optimizer(model, config, d_model)
-    start = 0
-    if resume:
-        start = checkpoints.load_trainer_state(out, model, opt, sched)
-    else:
+    start = checkpoints.load_trainer_state(out, model, opt, sched) if resume else 0
+    loop = _Loop(model, task, config, ctx, opt, sched, out, quiet, tensorboard)  # validates before any write
+    if ctx.is_main and not resume:
         out.mkdir(parents=True, exist_ok=True)
-        checkpoints.write_json(out / "config.json", {**run_config, "train": dataclasses.asdict(config)})
+        checkpoints.write_json(out / checkpoints.CONFIG_FILE, {**run_config, "train": dataclasses.asdict(config)})
         if save_extra:
             save_extra(out)
-    log = checkpoints.MetricsLog(out / "metrics.jsonl", truncate_after=start)
-    autocast = _autocast(device, config.precision)
-    generator = torch.Generator(device=device)
-    last_val: dict[str, float] = {}
-    bar = tqdm(total=config.steps, initial=start, disable=quiet, dynamic_ncols=True, desc=task.name)
-    t0, window_t, window_tokens = time.perf_counter(), time.perf_counter(), 0
-    loss_sum, correct, count, n_in_window = 0.0, 0, 0, 0
-    model.train()
-    for step in range(start, config.steps):
-        generator.manual_seed(config.seed * 1_000_003 + step)
-        torch.manual_seed(config.seed * 1_000_003 + step)  # dropout
-        batch = task.batch(step, generator)
-        with autocast:
-            loss, counts = task.loss(model, batch, generator)
-        if not torch.isfinite(loss):
-            bar.close()
-            raise NonFiniteLoss(f"the loss became {loss.item()} at step {step + 1}; the last good checkpoint is kept "
-                                f"in {out} (try a lower --lr or --grad-clip)")
-        loss.backward()
+    try:
+        with _StopFlag() as stop:
+            return loop.run(start, stop)
+    finally:
+        loop.close()
+
+
+class _Loop:
+    """The state of one training run; `run` reads top to bottom like a plain training loop."""
+
+    def __init__(self, model, task, config: TrainConfig, ctx: distributed.Dist, opt, sched, out: Path,
+                 quiet: bool, tensorboard: bool):
+        self.model, self.task, self.config, self.ctx, self.opt, self.sched, self.out = \
+            model, task, config, ctx, opt, sched, out
+        self.train_model = torch.compile(model) if config.compile else model
+        if ctx.enabled:
+            ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+            self.train_model = nn.parallel.DistributedDataParallel(self.train_model, device_ids=ids)
+        self.autocast = _autocast(ctx.device, config.precision)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16")
+        self.quiet = quiet or not ctx.is_main
+        self.writer = _tensorboard_writer(out) if tensorboard and ctx.is_main else None
+        self.log, self.bar, self.lr = None, None, 0.0
+
+    def run(self, start: int, stop: _StopFlag) -> dict[str, float]:
+        config, ctx, task = self.config, self.ctx, self.task
+        if ctx.is_main:
+            self.log = checkpoints.MetricsLog(self.out / checkpoints.METRICS_FILE, truncate_after=start)
+        generator = torch.Generator(device=ctx.device)
+        self.bar = tqdm(total=config.steps, initial=start, disable=self.quiet, dynamic_ncols=True, desc=task.name)
+        self.t0 = time.perf_counter()
+        window = _Window(self.t0)
+        last_val: dict[str, float] = {}
+        self.model.train()
+        for step in range(start, config.steps):
+            generator.manual_seed(config.seed * 1_000_003 + step)
+            torch.manual_seed(config.seed * 1_000_003 + step + 7919 * ctx.rank)  # dropout: one stream per rank
+            batch = task.batch(step, generator)
+            totals = self.train_step(batch, generator, step)
+            window.add(totals, task.tokens_per_batch(batch))
+            done = step + 1
+            if done % config.log_every == 0 or done == config.steps:
+                self.write(window.row(done, task.epoch(done), self.lr, self.t0))
+            self.bar.update(1)
+            if done % config.eval_every == 0 or done == config.steps:
+                last_val = self.validate(done)
+            if done % config.ckpt_every == 0 or done == config.steps or stop.requested:
+                self.checkpoint(done)
+            if stop.requested:
+                if ctx.is_main:
+                    self.bar.write(f"interrupted at step {done}; checkpoint saved. Resume with: "
+                                   f"mlpmixer train {task.name} --resume {self.out}")
+                raise KeyboardInterrupt
+        return last_val
+
+    def train_step(self, batch, generator: torch.Generator, step: int) -> dict[str, float]:
+        """Forward and backward over this rank's micro-batches, then one optimiser step."""
+        config, ctx = self.config, self.ctx
+        parts = ctx.world * config.grad_accum
+        sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+        for i in range(config.grad_accum):
+            micro = distributed.shard(batch, ctx.rank * config.grad_accum + i, parts)
+            last = i == config.grad_accum - 1
+            with (contextlib.nullcontext() if last or not ctx.enabled else self.train_model.no_sync()):
+                with self.autocast:
+                    loss, counts = self.task.loss(self.train_model, micro, generator)
+                n = float(counts["count"])
+                self.scaler.scale(loss * n).backward()  # the micro-batch's summed loss
+            sums["loss"] += loss.item() * n
+            sums["correct"] += float(counts["correct"])
+            sums["count"] += n
+        totals = distributed.all_reduce_sum(sums, ctx)
+        if not math.isfinite(totals["loss"]):
+            raise NonFiniteLoss(f"the loss became {totals['loss']} at step {step + 1}; the last good checkpoint "
+                                f"is kept in {self.out} (try a lower --lr, or --grad-clip)")
+        self.scaler.unscale_(self.opt)
+        # DDP averaged the ranks' summed gradients; rescale to the mean over the whole global batch
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        torch._foreach_mul_(grads, ctx.world / max(totals["count"], 1.0))
         if config.grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        window_tokens += task.tokens_per_batch(batch)
-        loss_sum, n_in_window = loss_sum + loss.item(), n_in_window + 1
-        correct, count = correct + int(counts["correct"]), count + int(counts["count"])
-        done = step + 1
-        if done % config.log_every == 0 or done == config.steps:
-            now = time.perf_counter()
-            row = {"step": done, "epoch": round(task.epoch(done), 4), "loss": loss_sum / n_in_window,
-                   "accuracy": correct / max(count, 1), "lr": sched.get_last_lr()[0],
-                   "tokens_per_s": window_tokens / (now - window_t), "elapsed_s": now - t0}
-            log.write(row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.3f}",
-                            tok_s=f"{row['tokens_per_s']:.0f}")
-            window_t, window_tokens, loss_sum, correct, count, n_in_window = now, 0, 0.0, 0, 0, 0
-        bar.update(1)
-        if done % config.eval_every == 0 or done == config.steps:
-            last_val = _validate(model, task, done, log, t0, bar)
-        if done % config.ckpt_every == 0 or done == config.steps:
-            checkpoints.save_trainer_state(out, model, opt, sched, done)
-    bar.close()
-    return last_val
+            nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.lr = self.sched.get_last_lr()[0]  # the rate this step uses
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return totals
+
+    def validate(self, step: int) -> dict[str, float]:
+        task, ctx = self.task, self.ctx
+        self.model.eval()
+        with torch.no_grad(), self.autocast:
+            if hasattr(task, "evaluate_sums"):  # each rank a shard of the validation set, summed
+                metrics = task.summarise(distributed.all_reduce_sum(task.evaluate_sums(self.model, ctx.rank, ctx.world), ctx))
+            else:
+                metrics = task.evaluate(self.model)
+            sample = task.report(self.model, step) if ctx.is_main else None
+        self.model.train()
+        self.write({"step": step, "epoch": round(task.epoch(step), 4), **metrics,
+                    "elapsed_s": time.perf_counter() - self.t0})
+        if ctx.is_main:
+            self.bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if sample:
+                self.bar.write(sample)
+        return metrics
+
+    def write(self, row: dict) -> None:
+        if not self.ctx.is_main:
+            return
+        self.log.write(row)
+        if "loss" in row:
+            self.bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.3f}",
+                                 tok_s=f"{row['tokens_per_s']:.0f}")
+        if self.writer is not None:
+            for key, value in row.items():
+                if key not in ("step", "epoch"):
+                    self.writer.add_scalar(key, value, row["step"])
+
+    def checkpoint(self, step: int) -> None:
+        if self.ctx.is_main:
+            checkpoints.save_trainer_state(self.out, self.model, self.opt, self.sched, step)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        distributed.teardown(self.ctx)
 
 
-def _validate(model, task, step, log, t0, bar) -> dict[str, float]:
-    model.eval()
-    with torch.no_grad():
-        metrics = task.evaluate(model)
-        sample = task.report(model, step)
-    model.train()
-    log.write({"step": step, "epoch": round(task.epoch(step), 4), **metrics,
-               "elapsed_s": time.perf_counter() - t0})
-    summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-    bar.write(f"step {step}: {summary}")
-    if sample:
-        bar.write(sample)
-    return metrics
+class _Window:
+    """Sums between two training rows of metrics.jsonl."""
+
+    def __init__(self, t: float):
+        self.t, self.tokens, self.loss, self.correct, self.count = t, 0, 0.0, 0.0, 0.0
+
+    def add(self, totals: dict[str, float], tokens: int) -> None:
+        self.tokens += tokens
+        self.loss += totals["loss"]
+        self.correct += totals["correct"]
+        self.count += totals["count"]
+
+    def row(self, step: int, epoch: float, lr: float, t0: float) -> dict:
+        now = time.perf_counter()
+        row = {"step": step, "epoch": round(epoch, 4), "loss": self.loss / max(self.count, 1.0),
+               "accuracy": self.correct / max(self.count, 1.0), "lr": lr,
+               "tokens_per_s": self.tokens / max(now - self.t, 1e-9), "elapsed_s": now - t0}
+        self.__init__(now)
+        return row
 
 
 def _autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return torch.autocast(device.type, enabled=False)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     if device.type == "cpu" and precision == "fp16":
         raise ValueError("--precision fp16 needs a CUDA device; on the CPU use bf16 or fp32")
-    return torch.autocast(device.type, dtype=dtype)
+    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU does not support bf16; use --precision fp16 or fp32")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def _tensorboard_writer(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError("--tensorboard needs the tensorboard package: pip install 'mlpmixer[tensorboard]'") from None
+    return SummaryWriter(str(out / "tensorboard"))
 
 
 def is_terminal() -> bool:

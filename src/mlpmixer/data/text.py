@@ -76,15 +76,18 @@ def markdown_play_to_text(markdown: str) -> str:
         body = [_clean(ln) for ln in (lines[1:] if speaker else lines)]
         body = [ln for ln in body if ln]
         if speaker and body:
-            speeches.append(f"{speaker.group(1).strip()}:\n" + "\n".join(body))
+            name = speaker.group(1).replace(":", "").strip()  # "ROSENCRANTZ: & GUILDENSTERN:"
+            speeches.append(f"{name}:\n" + "\n".join(body))
         elif body and speeches:  # a speech continued after a stage direction
             speeches[-1] += "\n" + "\n".join(body)
     return "\n\n".join(speeches) + "\n"
 
 
 def _is_direction(paragraph: str) -> bool:
+    """``_Enter ..._`` paragraphs, and ``*Exit.*`` ones (one play marks them with single asterisks)."""
     text = paragraph.strip()
-    return text.startswith("_") and text.endswith("_")
+    return (text.startswith("_") and text.endswith("_")) or (
+        text.startswith("*") and not text.startswith("**") and text.endswith("*"))
 
 
 def _clean(line: str) -> str:

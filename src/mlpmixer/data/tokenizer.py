@@ -47,7 +47,8 @@ class CharTokenizer:
         return "".join(self.itos[int(i)] if int(i) >= 2 else "" for i in ids)
 
     def save(self, directory: str | os.PathLike) -> None:
-        (Path(directory) / VOCAB_FILE).write_text(json.dumps({"itos": self.itos[2:]}, ensure_ascii=False))
+        (Path(directory) / VOCAB_FILE).write_text(json.dumps({"itos": self.itos[2:]}, ensure_ascii=False),
+                                                  encoding="utf-8")
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "CharTokenizer":
