@@ -138,7 +138,7 @@ def test_resume_repeats_an_uninterrupted_run(sonnet_file, tmp_path):
     run(sonnet_file, straight, steps=30)
     part = tmp_path / "part"
     run(sonnet_file, part, steps=20)
-    resume_mlm(part, steps=30, quiet=True)
+    resume_mlm(part, changes={"steps": 30}, quiet=True)
     a, _ = load(straight)
     b, _ = load(part)
     for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):

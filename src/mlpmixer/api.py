@@ -31,6 +31,8 @@ class TextSource:
 
 def prepare_out_dir(out: Path, overwrite: bool) -> None:
     """Refuse to clobber a finished run unless asked; ``--resume`` is the way to continue one."""
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone looks after the directory
+        return
     if (out / checkpoints.CONFIG_FILE).exists() or (out / checkpoints.MODEL_FILE).exists():
         if not overwrite:
             raise FileExistsError(f"{str(out)!r} already holds a run; pass --overwrite to replace it, "
@@ -40,7 +42,7 @@ def prepare_out_dir(out: Path, overwrite: bool) -> None:
 
 def train_mlm(model_fields: dict, train: TrainConfig, source: TextSource, out: str | os.PathLike, *,
               overwrite: bool = False, max_val_windows: int | None = None, quiet: bool = False,
-              epochs: float | None = None) -> dict[str, float]:
+              epochs: float | None = None, tensorboard: bool = False) -> dict[str, float]:
     """Train a character-level masked LM; returns the final validation metrics.
 
     ``epochs``, when given, replaces ``train.steps`` by the number of steps in that many epochs.
@@ -56,25 +58,45 @@ def train_mlm(model_fields: dict, train: TrainConfig, source: TextSource, out: s
         train = dataclasses.replace(train, steps=max(1, round(epochs * per_epoch)))
     prepare_out_dir(out, overwrite)
     return _run_mlm(config, train, tok, text, out, resume=False, source=source, max_val_windows=max_val_windows,
-                    quiet=quiet)
+                    quiet=quiet, tensorboard=tensorboard)
 
 
-def resume_mlm(out: str | os.PathLike, *, steps: int | None = None, quiet: bool = False) -> dict[str, float]:
+RESUMABLE_CHANGES = ("steps", "eval_every", "log_every", "ckpt_every", "device")
+
+
+def resumed_configs(out: Path, task: str, changes: dict) -> tuple[dict, TrainConfig]:
+    """The saved run config and its TrainConfig with the allowed ``changes`` applied.
+
+    Changing anything else (the model's shape, the optimiser, the seed, ...) would not continue the
+    same run, so it is one error listing every differing field.
+    """
+    saved = checkpoints.read_json(out / checkpoints.CONFIG_FILE)
+    if saved.get("task") != task:
+        raise checkpoints.CheckpointError(f"{str(out)!r} is a {saved.get('task')!r} run, not a {task} run")
+    current = {**saved["model"], **saved["train"]}
+    differing = [f"{k} {current[k]!r} -> {v!r}" for k, v in changes.items()
+                 if k not in RESUMABLE_CHANGES and k in current and current[k] != v]
+    if differing:
+        raise ValueError(f"cannot resume {out} with a different configuration ({'; '.join(differing)}); only "
+                         f"{', '.join(RESUMABLE_CHANGES)} may change on resume; start a new run with --out instead")
+    train = TrainConfig(**{**saved["train"], **{k: v for k, v in changes.items() if k in RESUMABLE_CHANGES}})
+    return saved, train
+
+
+def resume_mlm(out: str | os.PathLike, *, changes: dict | None = None, quiet: bool = False,
+               tensorboard: bool = False) -> dict[str, float]:
     """Continue the MLM run in ``out`` from its last checkpoint (optionally to a new step count)."""
     out = Path(out)
-    saved = checkpoints.read_json(out / checkpoints.CONFIG_FILE)
-    if saved.get("task") != "mlm":
-        raise checkpoints.CheckpointError(f"{str(out)!r} is a {saved.get('task')!r} run, not an mlm run")
-    train = TrainConfig(**{**saved["train"], **({"steps": steps} if steps else {})})
+    saved, train = resumed_configs(out, "mlm", changes or {})
     config = MLMConfig(**saved["model"])
     source = TextSource(**saved["data"])
     tok = CharTokenizer.load(out)
     return _run_mlm(config, train, tok, source.read(), out, resume=True, source=source,
-                    max_val_windows=saved.get("max_val_windows"), quiet=quiet)
+                    max_val_windows=saved.get("max_val_windows"), quiet=quiet, tensorboard=tensorboard)
 
 
 def _run_mlm(config: MLMConfig, train: TrainConfig, tok: CharTokenizer, text: str, out: Path, *, resume: bool,
-             source: TextSource, max_val_windows: int | None, quiet: bool) -> dict[str, float]:
+             source: TextSource, max_val_windows: int | None, quiet: bool, tensorboard: bool = False) -> dict[str, float]:
     ids = tok.encode(text)
     train_ids, val_ids = split_train_val(ids)
     if len(train_ids) < config.seq_len * train.batch_size:
@@ -82,13 +104,13 @@ def _run_mlm(config: MLMConfig, train: TrainConfig, tok: CharTokenizer, text: st
                         f"of {train.batch_size} windows of {config.seq_len}; use a longer text or smaller sizes")
     torch.manual_seed(train.seed)
     model = MaskedLanguageModel(config)
-    device = resolve_device(train.device)
+    device = resolve_device(train.device, int(os.environ.get("LOCAL_RANK", "0")))
     task = MLMTask(train_ids, val_ids, tok, config.seq_len, train.batch_size, train.seed, device,
                    max_val_windows=max_val_windows, color=is_terminal())
     run_config = {"task": "mlm", "mlpmixer_version": __version__, "model": dataclasses.asdict(config),
                   "data": dataclasses.asdict(source), "max_val_windows": max_val_windows}
     return fit(model, task, train, out, d_model=config.d_model, run_config=run_config, resume=resume,
-               save_extra=tok.save, quiet=quiet)
+               save_extra=tok.save, quiet=quiet, tensorboard=tensorboard)
 
 
 def load(run_dir: str | os.PathLike, device: str = "cpu"):

@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     run.add_argument("--epochs", type=float, default=None, help="train for this many epochs instead of --steps")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events to RUN_DIR/tensorboard")
     add_config_args(mlm, EncoderConfig, "model", skip=("causal",))
     add_config_args(mlm, TrainConfig, "training")
     mlm.set_defaults(handler=cmd_train_mlm)
@@ -91,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     fill.add_argument("--mask-char", default="_", help="the character that marks a position to fill")
     fill.add_argument("--top-k", type=int, default=3, help="candidates to show per position")
     fill.set_defaults(handler=cmd_fill)
+
+    plot = commands.add_parser("plot", help="plot loss and accuracy curves of one or more runs to a PNG")
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    plot.add_argument("-o", "--output", default="curves.png", help="PNG file to write")
+    plot.set_defaults(handler=cmd_plot)
+    compare = commands.add_parser("compare", help="print a Markdown table comparing runs")
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    compare.set_defaults(handler=cmd_compare)
     return parser
 
 
@@ -100,12 +109,14 @@ def cmd_train_mlm(args: argparse.Namespace) -> int:
     from .train import TrainConfig
 
     if args.resume:
-        metrics = resume_mlm(args.resume, steps=args.steps, quiet=args.quiet)
+        changed = {**picked(args, EncoderConfig), **picked(args, TrainConfig)}
+        metrics = resume_mlm(args.resume, changes=changed, quiet=args.quiet, tensorboard=args.tensorboard)
     else:
         train = TrainConfig(**picked(args, TrainConfig))
         source = TextSource(corpus=args.corpus, text_file=args.text_file)
         metrics = train_mlm(picked(args, EncoderConfig), train, source, args.out, overwrite=args.overwrite,
-                            max_val_windows=args.max_val_windows, quiet=args.quiet, epochs=args.epochs)
+                            max_val_windows=args.max_val_windows, quiet=args.quiet, epochs=args.epochs,
+                            tensorboard=args.tensorboard)
     print(f"done: {', '.join(f'{k} {v:.4f}' for k, v in metrics.items())}; run in {args.resume or args.out}")
     return 0
 
@@ -119,6 +130,20 @@ def cmd_fill(args: argparse.Namespace) -> int:
     print(result.text)
     for position, candidates in result.candidates:
         print(f"  {position:4d}: " + "  ".join(f"{c!r} {p:.3f}" for c, p in candidates))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plots import plot_runs
+
+    print(f"wrote {plot_runs(args.run_dirs, args.output)}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .plots import compare_runs
+
+    print(compare_runs(args.run_dirs))
     return 0
 
 

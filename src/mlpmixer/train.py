@@ -223,8 +223,8 @@ class _Loop:
                 self.checkpoint(done)
             if stop.requested:
                 if ctx.is_main:
-                    self.bar.write(f"interrupted at step {done}; checkpoint saved. Resume with: "
-                                   f"mlpmixer train {task.name} --resume {self.out}")
+                    print(f"\ninterrupted at step {done}; checkpoint saved. Resume with: "
+                          f"mlpmixer train {task.name} --resume {self.out}", file=sys.stderr)
                 raise KeyboardInterrupt
         return last_val
 

@@ -1,0 +1,102 @@
+"""Curves and tables from run directories' metrics.jsonl (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import checkpoints
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run directory's config and metrics, split into training and validation rows."""
+
+    path: Path
+    config: dict
+    train: list[dict]
+    val: list[dict]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Run":
+        p = Path(path)
+        config = checkpoints.read_json(p / checkpoints.CONFIG_FILE)
+        metrics = p / checkpoints.METRICS_FILE
+        if not metrics.exists():
+            raise checkpoints.CheckpointError(f"no {checkpoints.METRICS_FILE} in {str(p)!r}; has the run started?")
+        rows = checkpoints.read_metrics(metrics)
+        return cls(p, config, [r for r in rows if "loss" in r], [r for r in rows if any(k.startswith("val_") for k in r)])
+
+    @property
+    def label(self) -> str:
+        mixer = self.config.get("model", {}).get("token_mixer")
+        return f"{self.path.name} ({mixer})" if mixer else self.path.name
+
+    @property
+    def accuracy_key(self) -> str:
+        return next((k for k in ("val_accuracy", "val_top1") if self.val and k in self.val[-1]), "val_accuracy")
+
+
+def plot_runs(run_dirs: list[str], output: str | os.PathLike) -> Path:
+    """Training/validation loss and accuracy against step, one colour per run; writes a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [Run.load(d) for d in run_dirs]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, run in enumerate(runs):
+        color = f"C{i}"
+        ax_loss.plot([r["step"] for r in run.train], [r["loss"] for r in run.train], color=color, alpha=0.35,
+                     label=f"{run.label} train")
+        ax_acc.plot([r["step"] for r in run.train], [r["accuracy"] for r in run.train], color=color, alpha=0.35,
+                    label=f"{run.label} train")
+        ax_loss.plot([r["step"] for r in run.val], [r["val_loss"] for r in run.val], "o-", color=color,
+                     label=f"{run.label} validation")
+        key = run.accuracy_key
+        ax_acc.plot([r["step"] for r in run.val], [r.get(key, float("nan")) for r in run.val], "o-", color=color,
+                    label=f"{run.label} validation")
+    ax_loss.set(xlabel="step", ylabel="loss (nats)", title="loss")
+    ax_acc.set(xlabel="step", ylabel="accuracy", title="accuracy (masked tokens / top-1)")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def compare_runs(run_dirs: list[str]) -> str:
+    """A Markdown table: final and best validation metrics, parameters, throughput, wall time."""
+    from safetensors import safe_open
+
+    lines = ["| run | mixer | steps | final val loss | final val acc | best val acc | parameters | tokens/s | wall time |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for d in run_dirs:
+        run = Run.load(d)
+        key = run.accuracy_key
+        final = run.val[-1] if run.val else {}
+        best = max((r.get(key, 0.0) for r in run.val), default=float("nan"))
+        params = 0
+        weights = run.path / checkpoints.MODEL_FILE
+        if weights.exists():
+            with safe_open(str(weights), "pt") as f:
+                params = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+        rate = sorted(r["tokens_per_s"] for r in run.train)[len(run.train) // 2] if run.train else float("nan")
+        wall = max((r.get("elapsed_s", 0.0) for r in run.train + run.val), default=0.0)
+        lines.append(f"| {run.path.name} | {run.config.get('model', {}).get('token_mixer', '-')} | "
+                     f"{final.get('step', '-')} | {final.get('val_loss', float('nan')):.4f} | "
+                     f"{final.get(key, float('nan')):.4f} | {best:.4f} | {params:,} | {rate:,.0f} | {wall:.0f} s |")
+    return "\n".join(lines)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
