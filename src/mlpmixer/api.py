@@ -1,4 +1,4 @@
-"""Library entry points behind the command line: train a masked LM, load a run."""
+"""Library entry points behind the command line: train and resume text models, load a run."""
 
 from __future__ import annotations
 
@@ -40,25 +40,49 @@ def prepare_out_dir(out: Path, overwrite: bool) -> None:
         shutil.rmtree(out)
 
 
-def train_mlm(model_fields: dict, train: TrainConfig, source: TextSource, out: str | os.PathLike, *,
-              overwrite: bool = False, max_val_windows: int | None = None, quiet: bool = False,
-              epochs: float | None = None, tensorboard: bool = False) -> dict[str, float]:
-    """Train a character-level masked LM; returns the final validation metrics.
+@dataclass(frozen=True)
+class TextTask:
+    """What differs between the text tasks: config class, model class and training task."""
+
+    config: type
+    model: type
+    task: type
+
+
+def text_tasks() -> dict[str, TextTask]:
+    from .lm import CausalLanguageModel, LMConfig, LMTask
+
+    return {"mlm": TextTask(MLMConfig, MaskedLanguageModel, MLMTask),
+            "lm": TextTask(LMConfig, CausalLanguageModel, LMTask)}
+
+
+def train_text(task: str, model_fields: dict, train: TrainConfig, source: TextSource, out: str | os.PathLike, *,
+               overwrite: bool = False, max_val_windows: int | None = None, quiet: bool = False,
+               epochs: float | None = None, tensorboard: bool = False) -> dict[str, float]:
+    """Train a character-level model (``task`` "mlm" or "lm"); returns the final validation metrics.
 
     ``epochs``, when given, replaces ``train.steps`` by the number of steps in that many epochs.
     """
     out = Path(out)
     text = source.read()
     tok = CharTokenizer.from_text(text)
-    config = MLMConfig(vocab_size=tok.vocab_size, **model_fields)
+    if task == "lm":  # the causal token MLP is square: its hidden width follows seq_len unless given
+        model_fields = {"tokens_mlp_dim": model_fields.get("seq_len", 32), **model_fields}
+    config = text_tasks()[task].config(vocab_size=tok.vocab_size, **model_fields)
     if epochs is not None:
         if epochs <= 0:
             raise ValueError(f"--epochs must be positive, got {epochs}")
         per_epoch = len(split_train_val(text)[0]) // (config.seq_len * train.batch_size)
         train = dataclasses.replace(train, steps=max(1, round(epochs * per_epoch)))
     prepare_out_dir(out, overwrite)
-    return _run_mlm(config, train, tok, text, out, resume=False, source=source, max_val_windows=max_val_windows,
-                    quiet=quiet, tensorboard=tensorboard)
+    return _run(task, config, train, tok, text, out, resume=False, source=source, max_val_windows=max_val_windows,
+                quiet=quiet, tensorboard=tensorboard)
+
+
+def train_mlm(model_fields: dict, train: TrainConfig, source: TextSource, out: str | os.PathLike,
+              **options) -> dict[str, float]:
+    """Train a character-level masked LM (see `train_text`)."""
+    return train_text("mlm", model_fields, train, source, out, **options)
 
 
 RESUMABLE_CHANGES = ("steps", "eval_every", "log_every", "ckpt_every", "device")
@@ -70,6 +94,8 @@ def resumed_configs(out: Path, task: str, changes: dict) -> tuple[dict, TrainCon
     Changing anything else (the model's shape, the optimiser, the seed, ...) would not continue the
     same run, so it is one error listing every differing field.
     """
+    if not out.is_dir():
+        raise checkpoints.CheckpointError(f"run directory {str(out)!r} does not exist; nothing to resume")
     saved = checkpoints.read_json(out / checkpoints.CONFIG_FILE)
     if saved.get("task") != task:
         raise checkpoints.CheckpointError(f"{str(out)!r} is a {saved.get('task')!r} run, not a {task} run")
@@ -83,49 +109,56 @@ def resumed_configs(out: Path, task: str, changes: dict) -> tuple[dict, TrainCon
     return saved, train
 
 
-def resume_mlm(out: str | os.PathLike, *, changes: dict | None = None, quiet: bool = False,
-               tensorboard: bool = False) -> dict[str, float]:
-    """Continue the MLM run in ``out`` from its last checkpoint (optionally to a new step count)."""
+def resume_text(task: str, out: str | os.PathLike, *, changes: dict | None = None, quiet: bool = False,
+                tensorboard: bool = False) -> dict[str, float]:
+    """Continue the run in ``out`` from its last checkpoint (optionally to a new step count)."""
     out = Path(out)
-    saved, train = resumed_configs(out, "mlm", changes or {})
-    config = MLMConfig(**saved["model"])
+    saved, train = resumed_configs(out, task, changes or {})
+    config = text_tasks()[task].config(**saved["model"])
     source = TextSource(**saved["data"])
     tok = CharTokenizer.load(out)
-    return _run_mlm(config, train, tok, source.read(), out, resume=True, source=source,
-                    max_val_windows=saved.get("max_val_windows"), quiet=quiet, tensorboard=tensorboard)
+    return _run(task, config, train, tok, source.read(), out, resume=True, source=source,
+                max_val_windows=saved.get("max_val_windows"), quiet=quiet, tensorboard=tensorboard)
 
 
-def _run_mlm(config: MLMConfig, train: TrainConfig, tok: CharTokenizer, text: str, out: Path, *, resume: bool,
-             source: TextSource, max_val_windows: int | None, quiet: bool, tensorboard: bool = False) -> dict[str, float]:
+def resume_mlm(out: str | os.PathLike, **options) -> dict[str, float]:
+    return resume_text("mlm", out, **options)
+
+
+def _run(task: str, config, train: TrainConfig, tok: CharTokenizer, text: str, out: Path, *, resume: bool,
+         source: TextSource, max_val_windows: int | None, quiet: bool, tensorboard: bool = False) -> dict[str, float]:
     ids = tok.encode(text)
     train_ids, val_ids = split_train_val(ids)
-    if len(train_ids) < config.seq_len * train.batch_size:
+    if len(train_ids) < (config.seq_len + 1) * train.batch_size:
         raise DataError(f"the text ({len(text)} characters, {len(train_ids)} for training) is shorter than one batch "
                         f"of {train.batch_size} windows of {config.seq_len}; use a longer text or smaller sizes")
+    kind = text_tasks()[task]
     torch.manual_seed(train.seed)
-    model = MaskedLanguageModel(config)
+    model = kind.model(config)
     device = resolve_device(train.device, int(os.environ.get("LOCAL_RANK", "0")))
-    task = MLMTask(train_ids, val_ids, tok, config.seq_len, train.batch_size, train.seed, device,
-                   max_val_windows=max_val_windows, color=is_terminal())
-    run_config = {"task": "mlm", "mlpmixer_version": __version__, "model": dataclasses.asdict(config),
+    options = {"color": is_terminal()} if task == "mlm" else {}
+    job = kind.task(train_ids, val_ids, tok, config.seq_len, train.batch_size, train.seed, device,
+                    max_val_windows=max_val_windows, **options)
+    run_config = {"task": task, "mlpmixer_version": __version__, "model": dataclasses.asdict(config),
                   "data": dataclasses.asdict(source), "max_val_windows": max_val_windows}
-    return fit(model, task, train, out, d_model=config.d_model, run_config=run_config, resume=resume,
+    return fit(model, job, train, out, d_model=config.d_model, run_config=run_config, resume=resume,
                save_extra=tok.save, quiet=quiet, tensorboard=tensorboard)
 
 
-def load(run_dir: str | os.PathLike, device: str = "cpu"):
-    """The trained model (eval mode) and its tokenizer from an MLM run directory."""
+def load(run_dir: str | os.PathLike, device: str = "cpu", task: str = "mlm"):
+    """The trained model (eval mode) and its tokenizer from a text run directory (``task`` mlm or lm)."""
     run = Path(run_dir)
     if not run.is_dir():
         raise checkpoints.CheckpointError(f"run directory {str(run)!r} does not exist")
     saved = checkpoints.read_json(run / checkpoints.CONFIG_FILE)
-    if saved.get("task") != "mlm":
-        raise checkpoints.CheckpointError(f"{str(run)!r} holds a {saved.get('task')!r} run; this needs an mlm run")
+    if saved.get("task") != task:
+        raise checkpoints.CheckpointError(f"{str(run)!r} holds a {saved.get('task')!r} run; this needs an {task} run")
+    kind = text_tasks()[task]
     try:
-        config = MLMConfig(**saved["model"])
+        config = kind.config(**saved["model"])
     except (TypeError, ValueError, KeyError) as e:
         raise checkpoints.CheckpointError(f"{run / checkpoints.CONFIG_FILE} has an invalid model config ({e})") from None
-    model = MaskedLanguageModel(config)
+    model = kind.model(config)
     checkpoints.load_weights(model, run / checkpoints.MODEL_FILE)
     tok = CharTokenizer.load(run)
     if tok.vocab_size != config.vocab_size:

