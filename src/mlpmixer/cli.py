@@ -85,6 +85,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="seed for repeatable samples")
     gen.set_defaults(handler=cmd_generate)
 
+    study = commands.add_parser("study", help="train both token mixers with the same budget and seeds; report",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="MLP mixing vs attention: for each schedule (the seed's Noam, and AdamW with "
+                                "a lower peak rate and longer warm-up) and seed, one run per mixer; writes study.md "
+                                "and study.png into --out. Finished runs are reused, so an interrupted study resumes.")
+    study.add_argument("task", choices=("mlm", "lm"))
+    study.add_argument("--steps", type=int, default=1000, help="optimiser steps per run")
+    study.add_argument("--seeds", type=int, default=3, help="seeds per (schedule, mixer)")
+    study.add_argument("--schedules", default="seed,adamw", help="comma-separated: seed, adamw")
+    study.add_argument("--batch-size", type=int, default=64, help="sequences per step")
+    study.add_argument("--max-val-windows", type=int, default=2000, help="validation windows per evaluation")
+    source = study.add_mutually_exclusive_group()
+    source.add_argument("--corpus", default="shakespeare", choices=("shakespeare", "tinyshakespeare"))
+    source.add_argument("--text-file", metavar="PATH")
+    study.add_argument("--out", default=None, help="study directory (default: runs/study-TASK)")
+    study.set_defaults(handler=cmd_study)
+
     plot = commands.add_parser("plot", help="plot loss and accuracy curves of one or more runs to a PNG")
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     plot.add_argument("-o", "--output", default="curves.png", help="PNG file to write")
@@ -161,6 +178,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for ch in generate(model, tok, args.prompt, args.max_new_chars, args.temperature, args.top_k, args.seed):
         print(ch, end="", flush=True)
     print()
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from .api import TextSource
+    from .study import run_study
+
+    md, png = run_study(args.task, args.out or f"runs/study-{args.task}", steps=args.steps, seeds=args.seeds,
+                        source=TextSource(corpus=args.corpus, text_file=args.text_file),
+                        schedules=tuple(s.strip() for s in args.schedules.split(",") if s.strip()),
+                        batch_size=args.batch_size, max_val_windows=args.max_val_windows)
+    print(md.read_text(encoding="utf-8"))
+    print(f"wrote {md} and {png}")
     return 0
 
 
