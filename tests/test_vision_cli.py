@@ -80,3 +80,35 @@ def test_bad_inputs_are_one_line_errors(vision_run, tmp_path, capsys):
     assert "image size 9x9 is not divisible by the patch size 2" in capsys.readouterr().err
     assert main(["train", "vision", "--data-dir", str(tmp_path / "nothing"), *TINY, "--out", str(tmp_path / "r")]) == 1
     assert "no class folders" in capsys.readouterr().err
+
+
+def test_image_folder_training_with_mixup_and_prediction(tmp_path, capsys):
+    from test_images import write_folder
+
+    root = write_folder(tmp_path / "data", per_class=3, size=(12, 9))
+    out = tmp_path / "run"
+    assert main(["train", "vision", "--data-dir", str(root), "--img-size", "8", "--steps", "3", "--batch-size", "4",
+                 "--mixup-alpha", "0.4", "--quiet", "--out", str(out)]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["class_names"] == ["ant", "cat"] and saved["model"]["in_chans"] == 3
+    assert saved["preprocess"]["crop_pct"] == 0.875 and saved["data"]["data_dir"] == str(root)
+    capsys.readouterr()
+    assert main(["predict", str(out), str(root / "val" / "cat" / "0.jpg")]) == 0
+    names = [item.split()[0] for item in capsys.readouterr().out.split(": ", 1)[1].split(", ")]
+    assert sorted(names) == ["ant", "cat"]  # --top-k 5 is capped at the 2 classes
+
+
+def test_smoothed_targets_and_mixup():
+    import torch
+
+    from mlpmixer.vision_train import mixup, smoothed_targets
+
+    t = smoothed_targets(torch.tensor([0, 2]), 4, 0.1)
+    assert torch.allclose(t.sum(-1), torch.ones(2)) and t[0, 0] == pytest.approx(0.925) and t[0, 1] == pytest.approx(0.025)
+    x = torch.arange(4.0).view(4, 1)
+    targets = smoothed_targets(torch.arange(4), 4, 0.0)
+    mixed, mixed_t = mixup(x, targets, 0.4, torch.Generator().manual_seed(0))
+    again, _ = mixup(x, targets, 0.4, torch.Generator().manual_seed(0))
+    assert torch.equal(mixed, again) and torch.allclose(mixed_t.sum(-1), torch.ones(4))
+    assert torch.allclose(mixed.squeeze(1), mixed_t @ torch.arange(4.0))  # images and targets mixed alike
+    assert not torch.equal(mixed, x)
