@@ -8,9 +8,13 @@ from .layers import MixerBlock, Mlp, PatchEmbed, TokenMixer, TokenMixingMlp
 from .mlm import MaskedLanguageModel, MLMConfig, fill_mask, mask_tokens
 from .api import load, train_mlm
 from .data.tokenizer import CharTokenizer
+from .vision import MlpMixer, VisionConfig, create_model, list_models
+from .official import load_official_npz
+from .resize import resize_tokens
 
 __all__ = [
     "CharTokenizer", "Encoder", "EncoderConfig", "MLMConfig", "MaskedLanguageModel", "MixerBlock", "Mlp",
     "PatchEmbed", "SelfAttention", "TokenMixer", "TokenMixingMlp", "fill_mask", "load", "mask_tokens",
     "swap_attention", "train_mlm",
+    "MlpMixer", "VisionConfig", "create_model", "list_models", "load_official_npz", "resize_tokens",
 ]

@@ -1,0 +1,252 @@
+"""Training an MlpMixer image classifier with `train.fit`, and predicting with a trained one.
+
+The recipe is the paper's fine-tuning one, scaled down: AdamW with linear warm-up and cosine decay,
+label smoothing, optional mixup, random resized crops; validation top-1 after every epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import __version__, checkpoints
+from .data.images import ImageData, ImageSet, Preprocess, augment, load_digits, load_image_folder
+from .official import checkpoint_grid, load_official_npz
+from .resize import resize_tokens
+from .train import TrainConfig, fit, resolve_device
+from .vision import MlpMixer, VisionConfig, read_vision_config
+
+DATASETS = ("digits",)
+SMALL_MODEL = 1_000_000  # parameters; below it one CPU thread trains fastest (measured in docs/vision.md)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VisionTrainConfig(TrainConfig):
+    """How to train an image classifier: TrainConfig with vision defaults, plus the regularisers."""
+
+    steps: int = 660
+    """Optimiser steps in the whole run (``--epochs`` sets it from the data)."""
+    batch_size: int = 64
+    """Images per step."""
+    optimizer: str = "adamw"
+    """``adamw``: linear warm-up then cosine decay to 0; ``noam``: Adam with the inverse-sqrt schedule."""
+    lr: float = 2e-3
+    """Peak learning rate."""
+    warmup: int = 60
+    """Warm-up steps."""
+    weight_decay: float = 0.05
+    """Decoupled weight decay on kernels (not biases or LayerNorms)."""
+    eval_every: int = 22
+    """Validate every this many steps (``--epochs`` makes it one epoch)."""
+    log_every: int = 11
+    """Write a training row to metrics.jsonl every this many steps."""
+    ckpt_every: int = 220
+    """Checkpoint every this many steps (and at the end)."""
+    label_smoothing: float = 0.1
+    """Weight moved from the true class to a uniform distribution over all classes."""
+    mixup_alpha: float = 0.0
+    """Mixup: blend image pairs with λ ~ Beta(α, α) (0 = off)."""
+    augment: bool = True
+    """Random resized crops (and flips, except for digits) of the training images."""
+    threads: int = 0
+    """CPU threads; 0: one for models under 1M parameters (more only add synchronisation), else PyTorch's."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.mixup_alpha < 0:
+            raise ValueError(f"mixup_alpha must be >= 0, got {self.mixup_alpha}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0 = automatic), got {self.threads}")
+
+
+class VisionTask:
+    """Image batches, smoothed (and mixed) cross-entropy, and validation top-1 for `train.fit`."""
+
+    name = "vision"
+
+    def __init__(self, data: ImageData, preprocess: Preprocess, config: VisionTrainConfig, num_classes: int,
+                 device: torch.device, eval_batch_size: int = 256):
+        self.data, self.preprocess, self.config, self.device = data, preprocess, config, device
+        self.num_classes, self.eval_batch_size = num_classes, eval_batch_size
+        self.per_epoch = len(data.train) // config.batch_size
+        if self.per_epoch == 0:
+            raise ValueError(f"{len(data.train)} training images are fewer than one batch of {config.batch_size}; "
+                             f"use a smaller --batch-size")
+        side = [math.ceil(s / data.crop_pct) for s in preprocess.img_size]
+        self.train_size = tuple(side) if config.augment else preprocess.img_size
+        self._epoch, self._order = -1, None
+
+    def batch(self, step: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        epoch, index = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+            self._epoch, self._order = epoch, torch.randperm(len(self.data.train), generator=g)
+        rows = self._order[index * self.config.batch_size:(index + 1) * self.config.batch_size]
+        crop = 1.0 if self.config.augment else self.data.crop_pct
+        x = self.data.train.load(rows, self.preprocess, self.train_size, crop).to(self.device)
+        if self.config.augment:
+            x = augment(x, self.preprocess.img_size, self.data.augment, generator)
+        return self.preprocess.normalize(x), self.data.train.labels[rows].to(self.device)
+
+    def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor], generator: torch.Generator):
+        x, y = batch
+        targets = smoothed_targets(y, self.num_classes, self.config.label_smoothing)
+        if self.config.mixup_alpha > 0:
+            x, targets = mixup(x, targets, self.config.mixup_alpha, generator)
+        logits = model(x)
+        loss = -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+        return loss, {"correct": (logits.argmax(-1) == y).sum(), "count": len(y)}
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        loss, correct, val = 0.0, 0, self.data.val
+        for rows in torch.arange(len(val)).split(self.eval_batch_size):
+            x = val.load(rows, self.preprocess, self.preprocess.img_size, self.data.crop_pct).to(self.device)
+            y = val.labels[rows].to(self.device)
+            logits = model(self.preprocess.normalize(x)).float()
+            loss += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += int((logits.argmax(-1) == y).sum())
+        return {"val_loss": loss / len(val), "val_top1": correct / len(val)}
+
+    def report(self, model: nn.Module, step: int) -> None:
+        return None
+
+    def tokens_per_batch(self, batch: tuple[Tensor, Tensor]) -> int:
+        return len(batch[1])
+
+    def epoch(self, step: int) -> float:
+        return step / self.per_epoch
+
+
+def smoothed_targets(y: Tensor, num_classes: int, smoothing: float) -> Tensor:
+    """Labels (B,) -> target distributions (B, num_classes): 1 - ε on the class plus ε / num_classes."""
+    return F.one_hot(y, num_classes).float() * (1.0 - smoothing) + smoothing / num_classes
+
+
+def mixup(x: Tensor, targets: Tensor, alpha: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Blend each image (and its target) with another of the batch: λ·a + (1 - λ)·b, λ ~ Beta(α, α)."""
+    seed = int(torch.randint(2**31 - 1, (1,), generator=generator, device=generator.device))
+    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+    perm = torch.randperm(len(x), generator=generator, device=generator.device).to(x.device)
+    return lam * x + (1 - lam) * x[perm], lam * targets + (1 - lam) * targets[perm]
+
+
+def load_data(dataset: str = "digits", data_dir: str | os.PathLike | None = None, in_chans: int = 3) -> ImageData:
+    if data_dir is not None:
+        return load_image_folder(data_dir, in_chans)
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)} or give --data-dir")
+    return load_digits()
+
+
+def train_vision(model: str = "mixer_tiny_digits", train: VisionTrainConfig | None = None,
+                 out: str | os.PathLike = "runs/vision", *, dataset: str = "digits",
+                 data_dir: str | os.PathLike | None = None, img_size: int | None = None, epochs: float | None = None,
+                 init: str | os.PathLike | None = None, model_overrides: dict | None = None, overwrite: bool = False,
+                 quiet: bool = False) -> dict[str, float]:
+    """Train the preset ``model`` on digits or an ImageFolder tree; returns the last validation metrics.
+
+    ``epochs`` sets the steps and validates (and checkpoints) after every epoch. ``init`` is an
+    official ``.npz`` (for the preset ``model``) or a vision run directory (whose architecture is used);
+    a different number of classes gets a new zero head, a larger ``img_size`` resizes the token MLPs
+    (Appendix C).
+    """
+    from .api import prepare_out_dir
+
+    train = train or VisionTrainConfig()
+    overrides = dict(model_overrides or {})
+    data = load_data(dataset, data_dir, overrides.get("in_chans", 3))
+    classes = data.train.class_names
+    overrides = {"in_chans": data.in_chans, **overrides, "num_classes": len(classes)}
+    if img_size is not None:
+        overrides["img_size"] = img_size
+    torch.manual_seed(train.seed)
+    net = initial_model(target_config(model, overrides, init), init)
+    preprocess = Preprocess(net.config.image_hw, net.config.in_chans, crop_pct=data.crop_pct)
+    if epochs is not None:
+        if epochs <= 0:
+            raise ValueError(f"--epochs must be positive, got {epochs}")
+        per_epoch = max(len(data.train) // train.batch_size, 1)
+        train = dataclasses.replace(train, steps=max(1, round(epochs * per_epoch)), eval_every=per_epoch,
+                                    ckpt_every=per_epoch, log_every=min(train.log_every, per_epoch))
+    task = VisionTask(data, preprocess, train, len(classes), resolve_device(train.device))
+    out = Path(out)
+    prepare_out_dir(out, overwrite)
+    run_config = {"task": "vision", "mlpmixer_version": __version__, "model": net.config.to_dict(),
+                  "data": data.source, "class_names": classes, "preprocess": preprocess.to_dict(),
+                  "init": str(init) if init else None}
+    with cpu_threads(train.threads, net):
+        return fit(net, task, train, out, d_model=net.config.hidden_dim, run_config=run_config, quiet=quiet)
+
+
+@contextmanager
+def cpu_threads(threads: int, model: nn.Module):
+    """Run with ``threads`` intra-op CPU threads (0: one for a small model, else unchanged), then restore."""
+    previous = torch.get_num_threads()
+    small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL
+    torch.set_num_threads(threads or (1 if small else previous))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def target_config(name: str, overrides: dict, init: str | os.PathLike | None) -> VisionConfig:
+    """The model to train: the preset with ``overrides``, or a vision run's architecture when it is ``init``."""
+    if init is None or not Path(init).is_dir():
+        return VisionConfig.from_name(name, **overrides)
+    saved = read_vision_config(init)
+    return dataclasses.replace(saved, **{"img_size": saved.img_size, **overrides})
+
+
+def initial_model(target: VisionConfig, init: str | os.PathLike | None = None) -> MlpMixer:
+    """A fresh ``target`` model, or ``init``'s weights (an official .npz or a vision run directory) adapted
+    to ``target``: a new zero head for other classes, token MLPs resized for a larger image (Appendix C)."""
+    if init is None:
+        return MlpMixer(target)
+    source = Path(init)
+    if source.is_dir():
+        saved = read_vision_config(source)
+        model = MlpMixer(dataclasses.replace(target, img_size=saved.img_size, num_classes=saved.num_classes))
+        checkpoints.load_weights(model, source / checkpoints.MODEL_FILE)
+    else:
+        _, seq_len, classes = checkpoint_grid(source)
+        side = math.isqrt(seq_len)
+        if side * side != seq_len:
+            raise ValueError(f"{source} has {seq_len} tokens, not a square grid; cannot infer its image size")
+        model = MlpMixer(dataclasses.replace(target, img_size=side * target.patch_size))
+        load_official_npz(model, source, load_head=classes == target.num_classes)
+    if model.config.num_classes != target.num_classes:
+        model.reset_classifier(target.num_classes)
+    if model.config.image_hw != target.image_hw:
+        resize_tokens(model, target.img_size)
+    return model
+
+
+def predict(run_dir: str | os.PathLike, images: list[str | os.PathLike], top_k: int = 5,
+            device: str = "cpu") -> list[list[tuple[str, float]]]:
+    """For each image file, the ``top_k`` (class name, probability) of the vision model in ``run_dir``."""
+    if top_k <= 0:
+        raise ValueError(f"--top-k must be positive, got {top_k}")
+    model = MlpMixer.from_pretrained(run_dir).to(device)
+    saved = checkpoints.read_json(Path(run_dir) / checkpoints.CONFIG_FILE)
+    if model.config.num_classes == 0:
+        raise checkpoints.CheckpointError(f"the model in {str(run_dir)!r} has no classifier head")
+    names = saved.get("class_names") or [str(i) for i in range(model.config.num_classes)]
+    pre = saved.get("preprocess") or {"img_size": model.config.image_hw, "in_chans": model.config.in_chans}
+    preprocess = Preprocess(**pre)
+    x = torch.stack([preprocess.load(path) for path in images]).to(device)
+    with torch.no_grad():
+        probs = model(preprocess.normalize(x)).float().softmax(-1)
+    top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+    return [[(names[i], p) for p, i in zip(ps.tolist(), ids.tolist())] for ps, ids in zip(top.values, top.indices)]
