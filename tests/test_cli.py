@@ -150,7 +150,7 @@ def test_resume_continues_to_the_new_step_count(trained_run, tmp_path, capsys):
 
 def test_resume_of_a_missing_run_is_one_line(tmp_path, capsys):
     assert main(["train", "mlm", "--resume", str(tmp_path / "none"), "--steps", "30"]) == 1
-    one_line_error(capsys, "config.json")
+    one_line_error(capsys, "does not exist")
 
 
 # --- fill and load ---------------------------------------------------------------------------------------
