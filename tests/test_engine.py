@@ -70,6 +70,43 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(sonnet_file, tmp
     assert rows(one)[0]["loss"] != rows(one)[-2]["loss"], "the runs really trained"
 
 
+@pytest.mark.slow
+def test_vision_two_ranks_equal_one_process(tmp_path):
+    """The same equivalence for `train vision` (augmentation is drawn for the global batch, then sharded;
+    dropout off, as for the MLM)."""
+    common = ["train", "vision", "--steps", "4", "--batch-size", "16", "--eval-every", "2", "--log-every", "2",
+              "--threads", "1", "--dropout", "0", "--quiet"]
+    one, two, accum = tmp_path / "one", tmp_path / "two", tmp_path / "accum"
+    for out, extra, ranks in ((one, [], 0), (two, [], 2), (accum, ["--grad-accum", "4"], 0)):
+        result = cli(*common, *extra, "--out", str(out), torchrun=ranks)
+        assert result.returncode == 0, result.stderr[-3000:]
+    a, b, c = weights(one), weights(two), weights(accum)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=f"2 ranks vs 1 process: {k}")
+        torch.testing.assert_close(c[k], a[k], rtol=1e-5, atol=1e-6, msg=f"grad-accum 4 vs 1: {k}")
+    val_one = [r for r in rows(one) if "val_top1" in r]
+    val_two = [r for r in rows(two) if "val_top1" in r]
+    assert [r["val_top1"] for r in val_one] == [r["val_top1"] for r in val_two]
+
+
+@pytest.mark.slow
+def test_vision_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
+    common = ["train", "vision", "--steps", "30", "--batch-size", "16", "--eval-every", "10", "--log-every", "2",
+              "--ckpt-every", "5", "--threads", "1", "--quiet"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert cli(*common, "--out", str(straight)).returncode == 0
+    proc = _popen(*common, "--out", str(killed))
+    _wait_for_step(killed, 12, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 10 <= torch.load(killed / "trainer_state.pt", weights_only=True)["step"] < 30
+    resumed = cli("train", "vision", "--resume", str(killed), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = weights(straight), weights(killed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert rows(killed) == rows(straight)
+
+
 def test_batch_size_not_divisible_by_ranks_and_accumulation_is_a_clear_error(sonnet_file, tmp_path, capsys):
     code = main(["train", "mlm", "--text-file", str(sonnet_file), "--steps", "2", "--batch-size", "9",
                  "--grad-accum", "2", "--out", str(tmp_path / "r"), *TINY])

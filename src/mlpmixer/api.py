@@ -88,7 +88,7 @@ def train_mlm(model_fields: dict, train: TrainConfig, source: TextSource, out: s
 RESUMABLE_CHANGES = ("steps", "eval_every", "log_every", "ckpt_every", "device")
 
 
-def resumed_configs(out: Path, task: str, changes: dict) -> tuple[dict, TrainConfig]:
+def resumed_configs(out: Path, task: str, changes: dict, train_cls: type = TrainConfig) -> tuple[dict, TrainConfig]:
     """The saved run config and its TrainConfig with the allowed ``changes`` applied.
 
     Changing anything else (the model's shape, the optimiser, the seed, ...) would not continue the
@@ -105,7 +105,7 @@ def resumed_configs(out: Path, task: str, changes: dict) -> tuple[dict, TrainCon
     if differing:
         raise ValueError(f"cannot resume {out} with a different configuration ({'; '.join(differing)}); only "
                          f"{', '.join(RESUMABLE_CHANGES)} may change on resume; start a new run with --out instead")
-    train = TrainConfig(**{**saved["train"], **{k: v for k, v in changes.items() if k in RESUMABLE_CHANGES}})
+    train = train_cls(**{**saved["train"], **{k: v for k, v in changes.items() if k in RESUMABLE_CHANGES}})
     return saved, train
 
 

@@ -228,6 +228,7 @@ def add_vision_commands(commands, train) -> None:
                      "or a vision run directory (its architecture); a new head if the classes differ")
     run.add_argument("--out", default="runs/vision", help="run directory to write (default: runs/vision)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue the vision run in RUN_DIR from its last checkpoint")
     run.add_argument("--epochs", type=float, default=30, help="epochs, validating after each; --steps overrides (default: 30)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     docs, model = field_docs(VisionConfig), vision.add_argument_group("model (overrides of the preset)")
@@ -248,8 +249,12 @@ def add_vision_commands(commands, train) -> None:
 
 def cmd_train_vision(args: argparse.Namespace) -> int:
     from .vision import VisionConfig
-    from .vision_train import VisionTrainConfig, train_vision
+    from .vision_train import VisionTrainConfig, resume_vision, train_vision
 
+    if args.resume:
+        metrics = resume_vision(args.resume, changes=picked(args, VisionTrainConfig), quiet=args.quiet)
+        print(f"done: {', '.join(f'{k} {v:.4f}' for k, v in metrics.items())}; run in {args.resume}")
+        return 0
     train = VisionTrainConfig(**picked(args, VisionTrainConfig))
     overrides = picked(args, VisionConfig, skip=("num_classes", "img_size", "in_chans"))  # dropout, drop_path, GELU
     metrics = train_vision(args.model, train, args.out, dataset=args.dataset, data_dir=args.data_dir,

@@ -59,6 +59,8 @@ class VisionTrainConfig(TrainConfig):
     """Random resized crops (and flips, except for digits) of the training images."""
     threads: int = 0
     """CPU threads; 0: one for models under 1M parameters (more only add synchronisation), else PyTorch's."""
+    grad_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass: less memory, more time."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -109,14 +111,26 @@ class VisionTask:
         return loss, {"correct": (logits.argmax(-1) == y).sum(), "count": len(y)}
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        loss, correct, val = 0.0, 0, self.data.val
-        for rows in torch.arange(len(val)).split(self.eval_batch_size):
+        return self.summarise(self.evaluate_sums(model))
+
+    def evaluate_sums(self, model: nn.Module, rank: int = 0, world: int = 1) -> dict[str, float]:
+        """Summed loss and correct count over this rank's share of the validation batches."""
+        sums, val = {"loss": 0.0, "correct": 0.0, "count": 0.0}, self.data.val
+        for i, rows in enumerate(torch.arange(len(val)).split(self.eval_batch_size)):
+            if i % world != rank:
+                continue
             x = val.load(rows, self.preprocess, self.preprocess.img_size, self.data.crop_pct).to(self.device)
             y = val.labels[rows].to(self.device)
             logits = model(self.preprocess.normalize(x)).float()
-            loss += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += int((logits.argmax(-1) == y).sum())
-        return {"val_loss": loss / len(val), "val_top1": correct / len(val)}
+            sums["loss"] += F.cross_entropy(logits, y, reduction="sum").item()
+            sums["correct"] += int((logits.argmax(-1) == y).sum())
+            sums["count"] += len(rows)
+        return sums
+
+    @staticmethod
+    def summarise(sums: dict[str, float]) -> dict[str, float]:
+        n = max(sums["count"], 1.0)
+        return {"val_loss": sums["loss"] / n, "val_top1": sums["correct"] / n}
 
     def report(self, model: nn.Module, step: int) -> None:
         return None
@@ -179,14 +193,38 @@ def train_vision(model: str = "mixer_tiny_digits", train: VisionTrainConfig | No
         per_epoch = max(len(data.train) // train.batch_size, 1)
         train = dataclasses.replace(train, steps=max(1, round(epochs * per_epoch)), eval_every=per_epoch,
                                     ckpt_every=per_epoch, log_every=min(train.log_every, per_epoch))
-    task = VisionTask(data, preprocess, train, len(classes), resolve_device(train.device))
     out = Path(out)
     prepare_out_dir(out, overwrite)
     run_config = {"task": "vision", "mlpmixer_version": __version__, "model": net.config.to_dict(),
                   "data": data.source, "class_names": classes, "preprocess": preprocess.to_dict(),
                   "init": str(init) if init else None}
+    return _fit_vision(net, data, preprocess, train, out, run_config, resume=False, quiet=quiet)
+
+
+def resume_vision(out: str | os.PathLike, *, changes: dict | None = None, quiet: bool = False) -> dict[str, float]:
+    """Continue the vision run in ``out`` from its last checkpoint (optionally to a new step count)."""
+    from .api import resumed_configs
+
+    out = Path(out)
+    saved, train = resumed_configs(out, "vision", changes or {}, VisionTrainConfig)
+    source = saved["data"]
+    data = load_data(source.get("dataset", "digits"), source.get("data_dir"), saved["model"].get("in_chans", 3))
+    net = MlpMixer(read_vision_config(out))
+    preprocess = Preprocess(net.config.image_hw, net.config.in_chans, crop_pct=data.crop_pct)
+    return _fit_vision(net, data, preprocess, train, out, saved, resume=True, quiet=quiet)
+
+
+def _fit_vision(net: MlpMixer, data: ImageData, preprocess: Preprocess, train: VisionTrainConfig, out: Path,
+                run_config: dict, *, resume: bool, quiet: bool) -> dict[str, float]:
+    if hasattr(net, "set_grad_checkpointing"):
+        net.set_grad_checkpointing(train.grad_checkpointing)
+    elif train.grad_checkpointing:
+        raise ValueError("--grad-checkpointing is not available for this model")
+    task = VisionTask(data, preprocess, train, len(run_config["class_names"]),
+                      resolve_device(train.device, int(os.environ.get("LOCAL_RANK", "0"))))
     with cpu_threads(train.threads, net):
-        return fit(net, task, train, out, d_model=net.config.hidden_dim, run_config=run_config, quiet=quiet)
+        return fit(net, task, train, out, d_model=net.config.hidden_dim, run_config=run_config, resume=resume,
+                   quiet=quiet)
 
 
 @contextmanager
