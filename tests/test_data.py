@@ -270,7 +270,7 @@ def test_tokenizer_save_load(tmp_path):
 
 
 def test_tokenizer_load_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="vocab.json"):
+    with pytest.raises(ValueError, match="vocab.json"):
         CharTokenizer.load(tmp_path)
     (tmp_path / "vocab.json").write_text("{not json")
     with pytest.raises(ValueError, match="vocab"):

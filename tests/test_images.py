@@ -41,7 +41,7 @@ def test_image_folder(tmp_path):
 
 
 def test_image_folder_errors(tmp_path):
-    with pytest.raises(DataError, match="no class folders in train/"):
+    with pytest.raises(DataError, match="no train/ folder"):
         load_image_folder(tmp_path)
     root = write_folder(tmp_path / "a")
     (root / "val" / "dog").mkdir()

@@ -90,7 +90,7 @@ def test_train_lm_and_generate(sonnet_file, tmp_path, capsys):
     assert main(["generate", str(run), "--prompt", "Shall I", "--max-new-chars", "30", "--seed", "3",
                  "--temperature", "0.7", "--top-k", "5"]) == 0
     assert capsys.readouterr().out == first, "a seed makes the sample repeatable"
-    assert main(["generate", str(run), "--prompt", "Shall I \u00e9", "--max-new-chars", "3"]) == 1
+    assert main(["generate", str(run), "--prompt", "Shall I \u00e9", "--max-new-chars", "3"]) == 2
     assert "not in the vocabulary" in capsys.readouterr().err
 
 
@@ -98,7 +98,7 @@ def test_generate_refuses_an_mlm_run(sonnet_file, tmp_path, capsys):
     run = tmp_path / "mlm"
     assert main(["train", "mlm", "--text-file", str(sonnet_file), "--steps", "2", "--out", str(run), *TINY]) == 0
     capsys.readouterr()
-    assert main(["generate", str(run)]) == 1
+    assert main(["generate", str(run)]) == 2
     assert "needs an lm run" in capsys.readouterr().err
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,8 +14,9 @@ import torch
 
 from . import __version__, checkpoints
 from .data.text import DataError, load_corpus, read_text_file
-from .data.tokenizer import CharTokenizer
+from .data.tokenizer import VOCAB_FILE, CharTokenizer
 from .data.windows import split_train_val
+from .errors import RunExistsError
 from .mlm import MaskedLanguageModel, MLMConfig, MLMTask
 from .train import TrainConfig, fit, is_terminal, resolve_device
 
@@ -29,15 +32,78 @@ class TextSource:
         return read_text_file(self.text_file) if self.text_file else load_corpus(self.corpus)
 
 
+RUN_FILES = (checkpoints.CONFIG_FILE, checkpoints.MODEL_FILE, checkpoints.STATE_FILE, checkpoints.METRICS_FILE,
+             VOCAB_FILE, "tensorboard")
+
+
+def _is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone looks after the directory
+
+
+def holds_run(out: Path) -> bool:
+    return (out / checkpoints.CONFIG_FILE).exists() or (out / checkpoints.MODEL_FILE).exists()
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to write into a run unless asked; ``--resume`` is the way to continue one."""
+    if holds_run(out) and not overwrite:
+        raise RunExistsError(f"{str(out)!r} already holds a run; pass --overwrite to replace it, "
+                             f"or --resume {out} to continue it")
+
+
 def prepare_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to clobber a finished run unless asked; ``--resume`` is the way to continue one."""
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone looks after the directory
+    """Refuse to clobber a finished run unless asked, else delete it (`new_run_dir` keeps it until the
+    new run has saved a model)."""
+    if not _is_rank0():
         return
-    if (out / checkpoints.CONFIG_FILE).exists() or (out / checkpoints.MODEL_FILE).exists():
-        if not overwrite:
-            raise FileExistsError(f"{str(out)!r} already holds a run; pass --overwrite to replace it, "
-                                  f"or --resume {out} to continue it")
+    check_out_dir(out, overwrite)
+    if holds_run(out):
         shutil.rmtree(out)
+
+
+@contextmanager
+def new_run_dir(out: Path, overwrite: bool) -> Iterator[None]:
+    """The body writes a new run into ``out``; nothing is lost and nothing half-made is left.
+
+    A run already in ``out`` is refused without ``overwrite``; with it, it is moved aside and deleted
+    only once the new run has saved a model, so a new run that fails before its first checkpoint
+    gives the old one back. A new run that fails before saving a model leaves no run files behind,
+    so the corrected command needs no ``--overwrite``.
+    """
+    if not _is_rank0():
+        yield
+        return
+    check_out_dir(out, overwrite)
+    existed = out.exists()
+    backup = out.with_name(f".{out.name}.replaced") if holds_run(out) else None
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+        os.replace(out, backup)
+    try:
+        yield
+    except BaseException:
+        if not (out / checkpoints.MODEL_FILE).exists():  # nothing worth keeping was saved
+            _remove_run_files(out, remove_dir=backup is not None or not existed)
+            if backup is not None:
+                os.replace(backup, out)
+                backup = None
+        raise
+    finally:
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+
+
+def _remove_run_files(out: Path, remove_dir: bool) -> None:
+    """Delete what a run writes into ``out`` (and ``out`` itself when the run created it)."""
+    if remove_dir:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
 
 
 @dataclass(frozen=True)
@@ -74,9 +140,9 @@ def train_text(task: str, model_fields: dict, train: TrainConfig, source: TextSo
             raise ValueError(f"--epochs must be positive, got {epochs}")
         per_epoch = len(split_train_val(text)[0]) // (config.seq_len * train.batch_size)
         train = dataclasses.replace(train, steps=max(1, round(epochs * per_epoch)))
-    prepare_out_dir(out, overwrite)
-    return _run(task, config, train, tok, text, out, resume=False, source=source, max_val_windows=max_val_windows,
-                quiet=quiet, tensorboard=tensorboard)
+    with new_run_dir(out, overwrite):
+        return _run(task, config, train, tok, text, out, resume=False, source=source,
+                    max_val_windows=max_val_windows, quiet=quiet, tensorboard=tensorboard)
 
 
 def train_mlm(model_fields: dict, train: TrainConfig, source: TextSource, out: str | os.PathLike,

@@ -9,10 +9,43 @@ import inspect
 import sys
 import textwrap
 import traceback
+import warnings
 
 from . import __version__
+from .errors import DataWarning, unknown_choice
 
+# Exit statuses: 2 for bad input (arguments, config values, input files, checkpoints: a ValueError),
+# 1 for a run that failed (disk full, non-finite loss, anything else), 130 for Ctrl-C.
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors; subcommands inherit it."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"mlpmixer: error: {message} (see: {self.prog} --help)\n")
+
+
+class Choice:
+    """An argparse ``type`` for a named choice: a typo gets the closest name suggested."""
+
+    def __init__(self, name: str, allowed):
+        self.name, self.allowed = name, tuple(allowed)
+
+    def __call__(self, value: str) -> str:
+        if value not in self.allowed:
+            raise argparse.ArgumentTypeError(str(unknown_choice(self.name, value, self.allowed)))
+        return value
+
+
+def config_choices() -> dict[str, tuple[str, ...]]:
+    """Config fields whose values are names, and the names allowed."""
+    from .encoder import POS_EMBEDDINGS, TOKEN_MIXERS
+    from .layers import ACTIVATIONS
+    from .train import OPTIMIZERS, PRECISIONS
+
+    return {"token_mixer": TOKEN_MIXERS, "activation": ACTIVATIONS, "pos_embedding": POS_EMBEDDINGS,
+            "optimizer": OPTIMIZERS, "precision": PRECISIONS}
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -31,7 +64,7 @@ def field_docs(cls) -> dict[str, str]:
 def add_config_args(parser: argparse.ArgumentParser, cls, title: str, skip: tuple[str, ...] = ()) -> None:
     """One ``--flag`` per field of the frozen config ``cls``, defaulting to None (= the config's default)."""
     group = parser.add_argument_group(title)
-    docs = field_docs(cls)
+    docs, choices = field_docs(cls), config_choices()
     for f in dataclasses.fields(cls):
         if f.name in skip or f.default is dataclasses.MISSING:
             continue
@@ -39,6 +72,10 @@ def add_config_args(parser: argparse.ArgumentParser, cls, title: str, skip: tupl
         kind = type(f.default)
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                               help=f"{docs.get(f.name, '')} (default: {f.default})")
+        elif f.name in choices:
+            group.add_argument(flag, type=Choice(f.name.replace("_", " "), choices[f.name]), default=None,
+                               metavar="{" + ",".join(choices[f.name]) + "}",
                                help=f"{docs.get(f.name, '')} (default: {f.default})")
         else:
             group.add_argument(flag, type=kind, default=None, metavar=f.name.upper(),
@@ -52,7 +89,7 @@ def picked(args: argparse.Namespace, cls, skip: tuple[str, ...] = ()) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlpmixer", description="MLP-Mixer for PyTorch: token-mixing MLPs in "
+    parser = Parser(prog="mlpmixer", description="MLP-Mixer for PyTorch: token-mixing MLPs in "
                                      "place of attention, masked language modelling, and the paper's vision model.")
     parser.add_argument("--version", action="version", version=f"mlpmixer {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -216,7 +253,8 @@ def add_vision_commands(commands, train) -> None:
 
     vision = train.add_parser("vision", help="MLP-Mixer image classifier (the paper's model)", description="Train an MLP-Mixer image classifier. The default, a small Mixer on "
                               "scikit-learn's 8x8 digits, runs in well under 5 minutes on 2 CPU cores.")
-    vision.add_argument("--model", default="mixer_tiny_digits", choices=list_models(), help="preset (default: mixer_tiny_digits)")
+    vision.add_argument("--model", default="mixer_tiny_digits", type=Choice("model", list_models()),
+                        metavar="MODEL", help=f"preset: {', '.join(list_models())} (default: mixer_tiny_digits)")
     data = vision.add_argument_group("data")
     source = data.add_mutually_exclusive_group()
     source.add_argument("--dataset", default="digits", choices=DATASETS, help="built-in dataset, offline (default: digits)")
@@ -273,18 +311,55 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run the command in ``argv``; returns the exit status (0, 1 runtime failure, 2 bad input, 130 Ctrl-C)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help and --version (0), bad arguments (2)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+    with warnings.catch_warnings():
+        warnings.showwarning = show_warning
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
     try:
         return args.handler(args)
     except KeyboardInterrupt:
         print("\nmlpmixer: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, OSError, RuntimeError) as e:  # bad input and failed runs: one sentence, no traceback
-        if args.debug:
-            traceback.print_exc()
-        print(f"mlpmixer: error: {e}", file=sys.stderr)
-        return EXIT_RUNTIME
+    except ValueError as e:  # bad input: UsageError, DataError, CheckpointError, config validation
+        return report(e, args.debug, EXIT_USAGE)
+    except Exception as e:  # a failed run: OSError (disk full), NonFiniteLoss, anything unforeseen
+        return report(e, args.debug, EXIT_RUNTIME)
+
+
+def report(error: Exception, debug: bool, status: int) -> int:
+    """One line on stderr (the traceback too with ``--debug``); returns ``status``."""
+    if debug:
+        traceback.print_exc()
+    print(f"mlpmixer: error: {describe(error)}", file=sys.stderr)
+    return status
+
+
+def describe(error: Exception) -> str:
+    """An exception as one line: its first line, with the errno noise of OSErrors removed."""
+    if isinstance(error, OSError) and error.strerror:
+        text = f"{error.strerror}: {error.filename!r}" if error.filename else error.strerror
+    else:
+        text = str(error).strip() or type(error).__name__
+    lines = text.splitlines()
+    line = lines[0] + (" …" if len(lines) > 1 else "")
+    if not isinstance(error, (ValueError, OSError, RuntimeError)):
+        line = f"unexpected {type(error).__name__}: {line} (rerun with --debug for the traceback)"
+    return line
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """mlpmixer's own warnings as ``mlpmixer: warning: ...``; others as Python prints them."""
+    if issubclass(category, DataWarning):
+        print(f"mlpmixer: warning: {message}", file=sys.stderr)
+    else:
+        print(warnings.formatwarning(message, category, filename, lineno, line), end="", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoints import CheckpointError
+from .checkpoints import CheckpointError, mismatch_summary
 from .vision import MlpMixer
 
 HEAD_KEYS = ("head/kernel", "head/bias")
@@ -66,11 +66,15 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint file {str(path)!r}")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path} is not a readable .npz checkpoint (not a zip archive, or truncated); give an "
+                              f"official MLP-Mixer .npz file")
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {key: npz[key] for key in npz.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
-        raise CheckpointError(f"{path} is not a readable .npz checkpoint ({e})") from None
+        why = "it holds pickled Python objects, which mlpmixer never loads" if "pickle" in str(e) else str(e)
+        raise CheckpointError(f"{path} is not a readable .npz checkpoint ({why})") from None
 
 
 def load_official_npz(model: MlpMixer, path: str | os.PathLike, *, load_head: bool = True) -> MlpMixer:
@@ -95,12 +99,10 @@ def load_official_npz(model: MlpMixer, path: str | os.PathLike, *, load_head: bo
     missing = sorted(names.keys() - arrays.keys())
     unexpected = sorted(arrays.keys() - names.keys() - ignored)
     if missing or unexpected or misshaped:
-        parts = [f"{label}: {', '.join(items[:8])}{' …' if len(items) > 8 else ''}"
-                 for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
-                 if items]
         hint = ("; to fine-tune with another number of classes, pass load_head=False"
-                if any(m.startswith("head/") for m in misshaped) else "")
-        raise CheckpointError(f"{path} does not match this model ({'; '.join(parts)}){hint}")
+                if any(m.startswith("head/") for m in misshaped) else "; is it a checkpoint of another preset?")
+        raise CheckpointError(f"{path} does not match this model "
+                              f"({mismatch_summary(missing, unexpected, misshaped)}){hint}")
     with torch.no_grad():
         for ours, value in state.items():
             expected[ours].copy_(value)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import DataWarning
 from .text import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -60,7 +63,7 @@ class Preprocess:
         """An image file -> (C, H, W) in [0, 1]: shorter side resized, then centre-cropped."""
         h, w = size or self.img_size
         crop_pct = self.crop_pct if crop_pct is None else crop_pct
-        image = open_image(path).convert("L" if self.in_chans == 1 else "RGB")
+        image = to_mode(open_image(path), "L" if self.in_chans == 1 else "RGB")
         scale = max(h, w) / crop_pct / min(image.size)
         resized = (max(w, round(image.width * scale)), max(h, round(image.height * scale)))
         image = image.resize(resized, resample=_bilinear())
@@ -81,6 +84,28 @@ def open_image(path: str | os.PathLike):
         raise DataError(f"no image file {str(path)!r}") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise DataError(f"{str(path)!r} is not a readable image ({type(e).__name__}); give a PNG or JPEG file") from None
+
+
+def to_mode(image, mode: str):
+    """Any Pillow image in ``mode`` ("L" or "RGB"): 16-bit and float images are scaled to 8 bits, not
+    clipped; palette images with transparency go through RGBA."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        array = np.asarray(image, dtype=np.float32)
+        peak = float(array.max()) if array.size else 0.0
+        if image.mode.startswith("I;16") or peak > 255:
+            array = array / 257.0  # 0..65535 -> 0..255
+        elif image.mode == "F" and peak <= 1.0:
+            array = array * 255.0  # a float image in [0, 1]
+        image = _pil_image().fromarray(np.clip(array, 0, 255).round().astype(np.uint8), mode="L")
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image if image.mode == mode else image.convert(mode)
+
+
+def _pil_image():
+    from PIL import Image
+
+    return Image
 
 
 def _bilinear():
@@ -168,29 +193,68 @@ def load_digits() -> ImageData:
 
 
 def load_image_folder(root: str | os.PathLike, in_chans: int = 3) -> ImageData:
-    """``root/train/<class>/*`` and ``root/val/<class>/*``; classes are the sorted train folder names."""
+    """``root/train/<class>/*`` and ``root/val/<class>/*``; classes are the sorted train folder names.
+
+    Every image is decoded once here, so that a corrupt or truncated file never stops training
+    mid-epoch: unreadable files are skipped with one `DataWarning` that counts them (the count is
+    kept in the run's config.json). A class folder in train/ without a readable image is an error.
+    """
     root = Path(root)
-    names = sorted(d.name for d in (root / "train").iterdir() if d.is_dir()) if (root / "train").is_dir() else []
+    layout = f"expected {root}/train/<class>/*.png and {root}/val/<class>/*.png"
+    if not root.is_dir():
+        raise DataError(f"--data-dir {str(root)!r} does not exist or is not a directory; {layout}")
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise DataError(f"{str(root)!r} has no {split}/ folder; {layout}")
+    names = sorted(d.name for d in _listdir(root / "train") if d.is_dir())
     if not names:
-        raise DataError(f"{str(root)!r} has no class folders in train/; expected {root}/train/<class>/*.png and "
-                        f"{root}/val/<class>/*.png")
-    sets = [_folder_split(root / split, names) for split in ("train", "val")]
-    return ImageData(*sets, in_chans=in_chans, augment=Augment(), crop_pct=0.875,
-                     source={"dataset": "folder", "data_dir": str(root)})
+        raise DataError(f"{str(root)!r} has no class folders in train/; {layout}")
+    train, skipped_train = _folder_split(root / "train", names, every_class=True)
+    val, skipped_val = _folder_split(root / "val", names, every_class=False)
+    return ImageData(train, val, in_chans=in_chans, augment=Augment(), crop_pct=0.875,
+                     source={"dataset": "folder", "data_dir": str(root),
+                             "skipped_images": skipped_train + skipped_val})
 
 
-def _folder_split(directory: Path, names: list[str]) -> ImageSet:
-    if not directory.is_dir():
-        raise DataError(f"no {directory.name}/ folder in {str(directory.parent)!r}")
-    extra = sorted(d.name for d in directory.iterdir() if d.is_dir() and d.name not in names)
+def _listdir(directory: Path) -> list[Path]:
+    try:
+        return sorted(directory.iterdir())
+    except OSError as e:
+        raise DataError(f"cannot list {str(directory)!r} ({e.strerror or e}); check its permissions") from None
+
+
+def _folder_split(directory: Path, names: list[str], every_class: bool) -> tuple[ImageSet, int]:
+    """The readable images of one split, and how many unreadable ones were skipped."""
+    extra = sorted(d.name for d in _listdir(directory) if d.is_dir() and d.name not in names)
     if extra:
         raise DataError(f"{directory} has classes that train/ lacks: {', '.join(extra[:5])}")
-    paths, labels = [], []
-    for label, name in enumerate(names):
-        for path in sorted((directory / name).glob("*")) if (directory / name).is_dir() else []:
-            if path.suffix.lower() in IMAGE_SUFFIXES:
-                paths.append(path)
-                labels.append(label)
-    if not paths:
-        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {directory}/<class>/")
-    return ImageSet(torch.tensor(labels), names, paths=paths)
+    found = [(path, label) for label, name in enumerate(names) if (directory / name).is_dir()
+             for path in _listdir(directory / name) if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        problems = list(pool.map(unreadable, [path for path, _ in found]))
+    kept = [(path, label) for (path, label), problem in zip(found, problems) if problem is None]
+    bad = [(path, problem) for (path, _), problem in zip(found, problems) if problem is not None]
+    if bad:
+        warnings.warn(DataWarning(f"skipped {len(bad)} unreadable image{'s' if len(bad) > 1 else ''} of "
+                                  f"{len(found)} in {directory} (e.g. {bad[0][0]}: {bad[0][1]})"), stacklevel=3)
+    if not kept:
+        raise DataError(f"no readable images ({', '.join(IMAGE_SUFFIXES)}) under {directory}/<class>/")
+    if every_class:
+        empty = [name for label, name in enumerate(names) if all(lb != label for _, lb in kept)]
+        if empty:
+            raise DataError(f"class folder {directory / empty[0]} has no readable images "
+                            f"({', '.join(IMAGE_SUFFIXES)}); add some or remove the folder")
+    return ImageSet(torch.tensor([label for _, label in kept]), names, paths=[path for path, _ in kept]), len(bad)
+
+
+def unreadable(path: Path) -> str | None:
+    """Why ``path`` cannot be decoded as an image, or None when it can."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.draft(image.mode, (64, 64))  # JPEG: decode at a reduced scale; truncation still shows
+            image.load()
+    except Exception as e:  # noqa: BLE001 -- Pillow raises many types for broken files; each is "unreadable"
+        return f"{type(e).__name__}: {e}"
+    return None

@@ -16,12 +16,14 @@ import urllib.request
 from importlib import resources
 from pathlib import Path
 
+from ..errors import UsageError
+
 CORPORA = ("shakespeare", "tinyshakespeare")
 TINY_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """Unusable input data; the message says what is wrong and what is expected."""
 
 
@@ -41,7 +43,10 @@ def read_text_file(path: str | os.PathLike) -> str:
         raise DataError(f"text file {str(p)!r} does not exist; pass the path of a UTF-8 text file")
     if p.is_dir():
         raise DataError(f"{str(p)!r} is a directory; pass the path of a UTF-8 text file")
-    data = p.read_bytes()
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read text file {str(p)!r} ({e.strerror or e}); check its permissions") from None
     if not data.strip():
         raise DataError(f"text file {str(p)!r} is empty; it needs some text to train on")
     if b"\0" in data:

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..checkpoints import CheckpointError
+
 PAD, MASK = "[PAD]", "[MASK]"
 VOCAB_FILE = "vocab.json"
 
@@ -54,8 +56,8 @@ class CharTokenizer:
     def load(cls, directory: str | os.PathLike) -> "CharTokenizer":
         path = Path(directory) / VOCAB_FILE
         if not path.exists():
-            raise FileNotFoundError(f"no {VOCAB_FILE} in {str(directory)!r}; is it an mlpmixer text run directory?")
+            raise CheckpointError(f"no {VOCAB_FILE} in {str(directory)!r}; is it an mlpmixer text run directory?")
         try:
             return cls(json.loads(path.read_text(encoding="utf-8"))["itos"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path} is not a valid vocabulary file ({e})") from None
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise CheckpointError(f"{path} is not a valid vocabulary file ({e})") from None
