@@ -165,13 +165,20 @@ def resumed_configs(out: Path, task: str, changes: dict, train_cls: type = Train
     saved = checkpoints.read_json(out / checkpoints.CONFIG_FILE)
     if saved.get("task") != task:
         raise checkpoints.CheckpointError(f"{str(out)!r} is a {saved.get('task')!r} run, not a {task} run")
+    if not isinstance(saved.get("model"), dict) or not isinstance(saved.get("train"), dict):
+        raise checkpoints.CheckpointError(f"{out / checkpoints.CONFIG_FILE} lacks the model or train settings; "
+                                          f"it cannot be resumed")
     current = {**saved["model"], **saved["train"]}
     differing = [f"{k} {current[k]!r} -> {v!r}" for k, v in changes.items()
                  if k not in RESUMABLE_CHANGES and k in current and current[k] != v]
     if differing:
         raise ValueError(f"cannot resume {out} with a different configuration ({'; '.join(differing)}); only "
                          f"{', '.join(RESUMABLE_CHANGES)} may change on resume; start a new run with --out instead")
-    train = train_cls(**{**saved["train"], **{k: v for k, v in changes.items() if k in RESUMABLE_CHANGES}})
+    try:
+        train = train_cls(**{**saved["train"], **{k: v for k, v in changes.items() if k in RESUMABLE_CHANGES}})
+    except TypeError as e:  # a field this version does not know
+        raise checkpoints.CheckpointError(f"{out / checkpoints.CONFIG_FILE} has training settings this version "
+                                          f"cannot read ({e})") from None
     return saved, train
 
 
