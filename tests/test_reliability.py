@@ -84,6 +84,17 @@ def test_bad_text_file(tmp_path, capsys, kind, needle):
     assert not out.exists(), "no half-made run is left behind"
 
 
+def test_unreadable_text_file(tmp_path, monkeypatch, capsys):
+    path = _text(tmp_path, "short")
+
+    def denied(self):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)  # chmod 000 does not stop root, who runs CI containers
+    assert train_mlm(path, tmp_path / "run") == 2
+    one_line(capsys, f"cannot read text file '{path}' (Permission denied); check its permissions")
+
+
 # --- configuration ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("flags, needle", [
@@ -406,3 +417,26 @@ def test_token_mixing_padding_invariance(seq_len, hidden, channels, lengths, cau
     assert torch.isfinite(y).all()
     for b, n in enumerate(lengths):
         torch.testing.assert_close(y[b, :n], mixer(x[b:b + 1, :n])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_vision_run_that_fails_before_its_first_checkpoint_does_not_look_finished(tmp_path, monkeypatch, capsys):
+    from mlpmixer import vision_train
+
+    monkeypatch.setattr(vision_train, "smoothed_targets", lambda y, n, s: torch.full((len(y), n), float("nan")))
+    out = tmp_path / "run"
+    assert main(["train", "vision", *VISION, "--out", str(out)]) == 1
+    one_line(capsys, "the loss became nan at step 1")
+    assert not (out / "model.safetensors").exists()
+    assert main(["predict", str(out), str(tmp_path / "x.png")]) == 2
+    one_line(capsys, "does not exist" if not out.exists() else "the run has no saved model yet")
+
+
+def test_every_row_of_the_reliability_table_names_a_real_test():
+    """docs/reliability.md cites tests as ``R::name`` (this file) or ``test_x.py::name``; each must exist."""
+    tests = Path(__file__).resolve().parent
+    doc = (tests.parent / "docs" / "reliability.md").read_text(encoding="utf-8")
+    cited = {(tests / ("test_reliability.py" if f == "R" else f), name)
+             for f, name in re.findall(r"`(R|test_\w+\.py)::(\w+)", doc)}
+    assert len(cited) > 30
+    missing = [f"{path.name}::{name}" for path, name in sorted(cited) if f"def {name}(" not in path.read_text()]
+    assert not missing, missing

@@ -138,8 +138,8 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
     misshaped = sorted(f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
                        for k in expected.keys() & state.keys() if state[k].shape != expected[k].shape)
     if missing or unexpected or misshaped:
-        raise CheckpointError(f"{source} does not match this model ({mismatch_summary(missing, unexpected, misshaped)}); "
-                              f"was it saved with another configuration?")
+        summary = mismatch_summary(missing, unexpected, misshaped)
+        raise CheckpointError(f"{source} does not match this model ({summary}); was it saved with another configuration?")
 
 
 def mismatch_summary(missing: list[str], unexpected: list[str], misshaped: list[str], shown: int = 3) -> str:
@@ -217,7 +217,8 @@ def read_trainer_state(out: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        detail = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
+        detail = next((ln.strip().rstrip(".") for ln in str(e).splitlines()
+                       if "GLOBAL" in ln or "Unsupported" in ln), "")
         raise CheckpointError(f"{path} was refused: it holds Python objects other than tensors, which mlpmixer never "
                               f"unpickles{f' ({detail})' if detail else ''}; do not use checkpoints from "
                               f"untrusted sources") from None
