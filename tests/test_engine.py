@@ -111,7 +111,7 @@ def test_batch_size_not_divisible_by_ranks_and_accumulation_is_a_clear_error(son
     code = main(["train", "mlm", "--text-file", str(sonnet_file), "--steps", "2", "--batch-size", "9",
                  "--grad-accum", "2", "--out", str(tmp_path / "r"), *TINY])
     err = capsys.readouterr().err
-    assert code == 1 and "--batch-size 9" in err and "Traceback" not in err
+    assert code == 2 and "--batch-size 9" in err and "Traceback" not in err
     assert not (tmp_path / "r" / "config.json").exists()
 
 
@@ -176,7 +176,7 @@ def test_resume_with_a_different_model_lists_the_differing_fields(sonnet_file, t
     capsys.readouterr()
     code = main(["train", "mlm", "--resume", str(run), "--d-model", "64", "--lr", "0.5", "--steps", "4", "--quiet"])
     err = capsys.readouterr().err
-    assert code == 1 and "d_model 32 -> 64" in err and "lr 1.0 -> 0.5" in err
+    assert code == 2 and "d_model 32 -> 64" in err and "lr 1.0 -> 0.5" in err
     assert main(["train", "mlm", "--resume", str(run), "--steps", "4", "--quiet"]) == 0  # steps may change
 
 
@@ -210,5 +210,5 @@ def test_tensorboard_flag(sonnet_file, tmp_path, capsys):
     if installed:
         assert code == 0 and any((run / "tensorboard").iterdir())
     else:
-        assert code == 1 and "mlpmixer[tensorboard]" in capsys.readouterr().err
+        assert code == 2 and "mlpmixer[tensorboard]" in capsys.readouterr().err
         assert not (run / "config.json").exists()

@@ -246,8 +246,10 @@ class _Loop:
             sums["count"] += n
         totals = distributed.all_reduce_sum(sums, ctx)
         if not math.isfinite(totals["loss"]):
-            raise NonFiniteLoss(f"the loss became {totals['loss']} at step {step + 1}; the last good checkpoint "
-                                f"is kept in {self.out} (try a lower --lr, or --grad-clip)")
+            kept = (f"the last good checkpoint is kept in {self.out}" if (self.out / checkpoints.MODEL_FILE).exists()
+                    else "no checkpoint had been saved yet")
+            raise NonFiniteLoss(f"the loss became {totals['loss']} at step {step + 1}; {kept} "
+                                f"(try a lower --lr, or --grad-clip)")
         self.scaler.unscale_(self.opt)
         # DDP averaged the ranks' summed gradients; rescale to the mean over the whole global batch
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]

@@ -175,7 +175,7 @@ def train_vision(model: str = "mixer_tiny_digits", train: VisionTrainConfig | No
     a different number of classes gets a new zero head, a larger ``img_size`` resizes the token MLPs
     (Appendix C).
     """
-    from .api import prepare_out_dir
+    from .api import new_run_dir
 
     train = train or VisionTrainConfig()
     overrides = dict(model_overrides or {})
@@ -194,11 +194,11 @@ def train_vision(model: str = "mixer_tiny_digits", train: VisionTrainConfig | No
         train = dataclasses.replace(train, steps=max(1, round(epochs * per_epoch)), eval_every=per_epoch,
                                     ckpt_every=per_epoch, log_every=min(train.log_every, per_epoch))
     out = Path(out)
-    prepare_out_dir(out, overwrite)
     run_config = {"task": "vision", "mlpmixer_version": __version__, "model": net.config.to_dict(),
                   "data": data.source, "class_names": classes, "preprocess": preprocess.to_dict(),
                   "init": str(init) if init else None}
-    return _fit_vision(net, data, preprocess, train, out, run_config, resume=False, quiet=quiet)
+    with new_run_dir(out, overwrite):
+        return _fit_vision(net, data, preprocess, train, out, run_config, resume=False, quiet=quiet)
 
 
 def resume_vision(out: str | os.PathLike, *, changes: dict | None = None, quiet: bool = False) -> dict[str, float]:
