@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import fused
+
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 
 
@@ -45,6 +47,9 @@ class Dropout(nn.Module):
     for p = 0.1), and kept elements are scaled by 1/(1 − p'), so E[output] = input exactly. It is as
     reproducible as ``nn.Dropout`` (seeded by ``torch.manual_seed``). On other devices it is
     ``F.dropout``.
+
+    The Mixer applies the same masks with fewer passes over memory: in a hidden layer through
+    `fused.mlp` (which takes `indicator` and `scale`), on a residual branch through `add_to`.
     """
 
     def __init__(self, p: float = 0.0):
@@ -58,19 +63,51 @@ class Dropout(nn.Module):
     def extra_repr(self) -> str:
         return f"p={self.p}"
 
+    def active(self, x: Tensor) -> bool:
+        return self.training and self.threshold > 0 and x.device.type == "cpu"
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.threshold == 0:
             return x
-        if x.device.type != "cpu":
+        if not self.active(x):
             return F.dropout(x, self.p, True)
         return x * self.mask(x.shape, x.dtype)
 
-    def mask(self, shape: torch.Size, dtype: torch.dtype) -> Tensor:
-        """The scaled keep-mask: 0 with probability p', 1/(1 − p') otherwise."""
+    def indicator(self, shape: torch.Size, dtype: torch.dtype, dropped: bool) -> Tensor:
+        """1.0 where an element is dropped (``dropped=True``) or kept (``False``), else 0.0."""
         n = shape.numel()
         bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(torch.iinfo(torch.int64).min, None)
         u = bits.view(torch.int16)[:n].view(shape)  # four uniform 16-bit lanes per draw, as -32768 … 32767
-        return (u >= self.threshold - 32768).to(dtype).mul_(self.scale)
+        compare = torch.lt if dropped else torch.ge
+        return compare(u, self.threshold - 32768, out=torch.empty(shape, dtype=dtype))  # one pass, no bool
+
+    def mask(self, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+        """The scaled keep-mask: 0 with probability p', 1/(1 − p') otherwise."""
+        return self.indicator(shape, dtype, dropped=False).mul_(self.scale)
+
+    def add_to(self, x: Tensor, branch: Tensor) -> Tensor:
+        """``x + dropout(branch)`` in one pass; its backward is one multiply."""
+        if not (self.training and self.threshold):
+            return x + branch
+        if not self.active(branch):
+            return x + F.dropout(branch, self.p, True)
+        return torch.addcmul(x, branch, self.indicator(branch.shape, branch.dtype, dropped=False), value=self.scale)
+
+
+def two_layer_mlp(x: Tensor, fc1: nn.Linear | tuple[Tensor, Tensor], fc2: nn.Linear | tuple[Tensor, Tensor],
+                  activation: str, drop: Dropout, left: bool) -> Tensor:
+    """``fc2(drop(σ(fc1(·))))`` over the rows of a 2-D ``x``, or over its columns when ``left``.
+
+    ``fc1``/``fc2`` are Linear layers or (weight, bias) pairs. One fused autograd node (`fused.mlp`),
+    except for dropout on another device, where it is torch's own.
+    """
+    (w1, b1), (w2, b2) = (f if isinstance(f, tuple) else (f.weight, f.bias) for f in (fc1, fc2))
+    if drop.training and drop.threshold and not drop.active(x):
+        act = activation_fn(activation)
+        if left:
+            return torch.addmm(b2[:, None], w2, drop(act(torch.addmm(b1[:, None], w1, x))))
+        return F.linear(drop(act(F.linear(x, w1, b1))), w2, b2)
+    return fused.mlp(x, w1, b1, w2, b2, activation, left, drop if drop.active(x) else None)
 
 
 @runtime_checkable
@@ -97,12 +134,15 @@ class Mlp(nn.Module):
                  activation: str = "gelu"):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
+        self.activation = activation
         self.act = activation_fn(activation)
         self.drop = Dropout(dropout)
         self.fc2 = nn.Linear(hidden_features, in_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.drop(self.act(self.fc1(x))))
+        rows = x.reshape(-1, x.shape[-1])  # (..., C) -> (M, C): one GEMM per layer over all tokens
+        y = two_layer_mlp(rows, self.fc1, self.fc2, self.activation, self.drop, left=False)  # (M, C)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
 
 class TokenMixingMlp(nn.Module):
@@ -136,6 +176,7 @@ class TokenMixingMlp(nn.Module):
         self.seq_len = seq_len
         self.causal = causal
         self.fc1 = nn.Linear(seq_len, tokens_mlp_dim)
+        self.activation = activation
         self.act = activation_fn(activation)
         self.drop = Dropout(dropout)
         self.fc2 = nn.Linear(tokens_mlp_dim, seq_len)
@@ -166,13 +207,13 @@ class TokenMixingMlp(nn.Module):
         xs = x.transpose(0, 1)  # (B, N, D) -> (N, B, D)
         if xs.is_contiguous():
             # Sequence-first memory: Eq. 1 is two plain GEMMs over all channels of all sequences at once.
-            h = torch.addmm(b1[:, None], w1, xs.reshape(n, b * d))  # (D_S, N) @ (N, B·D) -> (D_S, B·D)
-            h = self.drop(self.act(h))
-            y = torch.addmm(b2[:, None], w2, h).view(n, b, d).transpose(0, 1)  # (N, B·D) -> (B, N, D)
+            # W2 · σ(W1 · X + b1) + b2 with X (N, B·D): (D_S, N) @ (N, B·D) -> (D_S, B·D) -> (N, B·D)
+            y = two_layer_mlp(xs.reshape(n, b * d), (w1, b1), (w2, b2), self.activation, self.drop, left=True)
+            y = y.view(n, b, d).transpose(0, 1)  # -> (B, N, D)
         else:
-            h = F.linear(x.transpose(1, 2), w1, b1)  # (B, N, D) -> (B, D, N) -> (B, D, D_S)
-            h = self.drop(self.act(h))
-            y = F.linear(h, w2, b2).transpose(1, 2)  # (B, D, D_S) -> (B, D, N) -> (B, N, D)
+            cols = x.transpose(1, 2).reshape(b * d, n)  # (B, N, D) -> (B·D, N), a copy
+            y = two_layer_mlp(cols, (w1, b1), (w2, b2), self.activation, self.drop, left=False)  # (B·D, N)
+            y = y.view(b, d, n).transpose(1, 2)  # -> (B, N, D)
         if padding_mask is not None:
             y = y.masked_fill(padding_mask.unsqueeze(-1), 0.0)
         return y
@@ -229,8 +270,8 @@ class MixerBlock(nn.Module):
         LayerNorm and the channel MLP (Eq. 2) are position-wise, so no step copies the activations.
         """
         mixed = self.mlp_tokens(self.norm1(xs).transpose(0, 1), padding_mask).transpose(0, 1)  # (N, B, D)
-        xs = xs + self.drop_path(self.drop(mixed))
-        return xs + self.drop_path(self.drop(self.mlp_channels(self.norm2(xs))))
+        xs = self.drop.add_to(xs, self.drop_path(mixed))
+        return self.drop.add_to(xs, self.drop_path(self.mlp_channels(self.norm2(xs))))
 
 
 class PatchEmbed(nn.Module):
@@ -246,3 +287,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H/P, W/P) -> (B, S, C)
+
+    def forward_seq_first(self, x: Tensor) -> Tensor:
+        """(B, in_chans, H, W) -> (S, B, C), contiguous: the layout `MixerBlock.forward_seq_first` keeps."""
+        return self.proj(x).flatten(2).permute(2, 0, 1).contiguous()  # (B, C, S) -> (S, B, C)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from . import __version__, checkpoints
 from .layers import MixerBlock, PatchEmbed, TokenMixingMlp
@@ -167,7 +168,16 @@ class MlpMixer(nn.Module):
             for _ in range(config.num_blocks)])
         self.norm = nn.LayerNorm(c, eps=LAYER_NORM_EPS)
         self.head = nn.Linear(c, config.num_classes) if config.num_classes else nn.Identity()
+        self.grad_checkpointing = False
         self.init_weights()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Keep only each block's input for backward and recompute the block's inside there.
+
+        Training memory then holds one block's activations instead of all of them, for one more
+        forward pass of the blocks (dropout and drop-path masks are replayed exactly).
+        """
+        self.grad_checkpointing = enable
 
     @staticmethod
     def _token_mixer(config: VisionConfig) -> TokenMixingMlp:
@@ -193,8 +203,13 @@ class MlpMixer(nn.Module):
             h, w = self.config.image_hw
             raise ValueError(f"expected images of shape (B, {self.config.in_chans}, {h}, {w}), got {tuple(x.shape)}; "
                              f"the token-mixing MLPs are sized for {h}x{w} (see mlpmixer.resize_tokens)")
-        x = self.stem(x)  # (B, in_chans, H, W) -> (B, S, C)
-        return self.norm(self.blocks(x))
+        xs = self.stem.forward_seq_first(x)  # (B, in_chans, H, W) -> (S, B, C)
+        for block in self.blocks:  # sequence-first throughout: token mixing is a plain GEMM, no copies
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                xs = checkpoint(block.forward_seq_first, xs, use_reentrant=False)
+            else:
+                xs = block.forward_seq_first(xs)
+        return self.norm(xs).transpose(0, 1)  # (S, B, C) -> (B, S, C), a view
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Tokens (B, S, C) -> logits (B, num_classes), or the pooled (B, C) with ``pre_logits``."""
