@@ -93,15 +93,13 @@ class LMTask:
         return self.summarise(self.evaluate_sums(model))
 
     def evaluate_sums(self, model: nn.Module, rank: int = 0, world: int = 1) -> dict[str, float]:
-        sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-        for i, chunk in enumerate(self.val.split(self.eval_batch_size)):
-            if i % world == rank:
-                chunk = chunk.to(self.device)
-                loss, correct, count = lm_loss(model(chunk[:, :-1]), chunk[:, 1:])
-                sums["loss"] += loss.item() * int(count)
-                sums["correct"] += int(correct)
-                sums["count"] += int(count)
-        return sums
+        from .train import shard_sums
+
+        def measure(i: int, chunk: Tensor):
+            chunk = chunk.to(self.device)
+            return lm_loss(model(chunk[:, :-1]), chunk[:, 1:])
+
+        return shard_sums(self.val.split(self.eval_batch_size), rank, world, measure)
 
     @staticmethod
     def summarise(sums: dict[str, float]) -> dict[str, float]:

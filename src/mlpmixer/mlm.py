@@ -146,17 +146,14 @@ class MLMTask:
         Each validation batch is masked from its own fixed seed, so the masks are the same at every
         evaluation and whatever the number of ranks.
         """
-        sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-        for i, chunk in enumerate(self.val.split(self.eval_batch_size)):
-            if i % world != rank:
-                continue
+        from .train import shard_sums
+
+        def measure(i: int, chunk: Tensor):
             generator = torch.Generator(device=self.device).manual_seed(1234 + i)
             inputs, labels = self._mask(chunk.to(self.device), generator)
-            loss, correct, count = mlm_loss(model(inputs), labels)
-            sums["loss"] += loss.item() * int(count)
-            sums["correct"] += int(correct)
-            sums["count"] += int(count)
-        return sums
+            return mlm_loss(model(inputs), labels)
+
+        return shard_sums(self.val.split(self.eval_batch_size), rank, world, measure)
 
     @staticmethod
     def summarise(sums: dict[str, float]) -> dict[str, float]:

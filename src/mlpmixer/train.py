@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import torch
@@ -101,6 +102,22 @@ class Task(Protocol):
 
     def epoch(self, step: int) -> float:
         """Epochs done at ``step``."""
+
+
+def shard_sums(batches: Iterable, rank: int, world: int, measure: Callable[[int, Any], tuple]) -> dict[str, float]:
+    """Validation sums over this rank's share of ``batches`` (every ``world``-th from ``rank``).
+
+    ``measure(i, batch)`` returns (mean loss, correct, count); the sums are loss·count, correct and
+    count, which `distributed.all_reduce_sum` then adds over the ranks.
+    """
+    sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    for i, batch in enumerate(batches):
+        if i % world == rank:
+            loss, correct, count = measure(i, batch)
+            sums["loss"] += float(loss) * int(count)
+            sums["correct"] += int(correct)
+            sums["count"] += int(count)
+    return sums
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, d_model: int):

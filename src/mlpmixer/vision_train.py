@@ -22,7 +22,7 @@ from . import __version__, checkpoints
 from .data.images import ImageData, ImageSet, Preprocess, augment, load_digits, load_image_folder
 from .official import checkpoint_grid, load_official_npz
 from .resize import resize_tokens
-from .train import TrainConfig, fit, resolve_device
+from .train import TrainConfig, fit, resolve_device, shard_sums
 from .vision import MlpMixer, VisionConfig, read_vision_config
 
 DATASETS = ("digits",)
@@ -115,17 +115,15 @@ class VisionTask:
 
     def evaluate_sums(self, model: nn.Module, rank: int = 0, world: int = 1) -> dict[str, float]:
         """Summed loss and correct count over this rank's share of the validation batches."""
-        sums, val = {"loss": 0.0, "correct": 0.0, "count": 0.0}, self.data.val
-        for i, rows in enumerate(torch.arange(len(val)).split(self.eval_batch_size)):
-            if i % world != rank:
-                continue
+        val = self.data.val
+
+        def measure(i: int, rows: Tensor):
             x = val.load(rows, self.preprocess, self.preprocess.img_size, self.data.crop_pct).to(self.device)
             y = val.labels[rows].to(self.device)
             logits = model(self.preprocess.normalize(x)).float()
-            sums["loss"] += F.cross_entropy(logits, y, reduction="sum").item()
-            sums["correct"] += int((logits.argmax(-1) == y).sum())
-            sums["count"] += len(rows)
-        return sums
+            return F.cross_entropy(logits, y), (logits.argmax(-1) == y).sum(), len(rows)
+
+        return shard_sums(torch.arange(len(val)).split(self.eval_batch_size), rank, world, measure)
 
     @staticmethod
     def summarise(sums: dict[str, float]) -> dict[str, float]:
