@@ -175,7 +175,7 @@ class MlpMixer(nn.Module):
         """Keep only each block's input for backward and recompute the block's inside there.
 
         Training memory then holds one block's activations instead of all of them, for one more
-        forward pass of the blocks (dropout and drop-path masks are replayed exactly).
+        forward pass of all blocks but the last (dropout and drop-path masks are replayed exactly).
         """
         self.grad_checkpointing = enable
 
@@ -204,8 +204,11 @@ class MlpMixer(nn.Module):
             raise ValueError(f"expected images of shape (B, {self.config.in_chans}, {h}, {w}), got {tuple(x.shape)}; "
                              f"the token-mixing MLPs are sized for {h}x{w} (see mlpmixer.resize_tokens)")
         xs = self.stem.forward_seq_first(x)  # (B, in_chans, H, W) -> (S, B, C)
-        for block in self.blocks:  # sequence-first throughout: token mixing is a plain GEMM, no copies
-            if self.grad_checkpointing and torch.is_grad_enabled():
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):  # sequence-first throughout: token mixing is a plain GEMM
+            # the last block's backward comes first, while its activations would still be the newest
+            # thing in memory: recomputing it would cost time and save no peak memory
+            if self.grad_checkpointing and torch.is_grad_enabled() and i < last:
                 xs = checkpoint(block.forward_seq_first, xs, use_reentrant=False)
             else:
                 xs = block.forward_seq_first(xs)

@@ -1,0 +1,166 @@
+"""The seed configuration's masked-LM training step: mlpmixer vs labml-nn's MLP-Mixer MLM.
+
+Both models are the seed experiment's (labml_nn/transformers/mlp_mixer/experiment.py): seq_len 32,
+batch 64, d_model 128, 6 pre-norm layers, token-mixing MLP 32 -> 128 -> 32 and channel MLP
+128 -> 256 -> 128 with GELU, dropout 0.1, sinusoidal positions, a 67-character vocabulary. One
+training step = forward, masked cross-entropy, backward, gradient clipping at 1.0, AdamW
+(`common.adamw`: torch's fused CPU kernel) and ``zero_grad(set_to_none=True)``; the same optimiser
+and loss for both, so the ratio measures the models.
+
+FLOPs per step (matrix products only; ×3 for forward + the two backward products):
+    3 · B · N · [L · (4 · D · D_S + 4 · D · D_C) + 2 · D · V]
+(the token MLP multiplies N -> D_S -> N for each of the B·D columns: 4·B·D·N·D_S; the channel MLP
+D -> D_C -> D for each of the B·N tokens: 4·B·N·D·D_C; the head 2·B·N·D·V).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mlpmixer import MaskedLanguageModel, MLMConfig
+from mlpmixer.mlm import mask_tokens, mlm_loss
+
+from . import common
+
+
+@dataclass(frozen=True)
+class Seed:
+    seq_len: int = 32
+    batch: int = 64
+    d_model: int = 128
+    n_layers: int = 6
+    d_ff: int = 256
+    tokens_mlp_dim: int = 128
+    dropout: float = 0.1
+    vocab_size: int = 67
+
+    def flops(self) -> float:
+        """Matrix-product FLOPs of one training step (see the module docstring)."""
+        per_token = self.n_layers * (4 * self.d_model * self.tokens_mlp_dim + 4 * self.d_model * self.d_ff)
+        per_token += 2 * self.d_model * self.vocab_size
+        return 3.0 * self.batch * self.seq_len * per_token
+
+
+class LabmlMLM(nn.Module):
+    """labml_nn.transformers.mlm.experiment.TransformerMLM, restated: that module imports torchvision."""
+
+    def __init__(self, *, encoder: nn.Module, src_embed: nn.Module, generator: nn.Module):
+        super().__init__()
+        self.generator, self.src_embed, self.encoder = generator, src_embed, encoder
+
+    def forward(self, x: Tensor) -> tuple[Tensor, None]:
+        return self.generator(self.encoder(self.src_embed(x), None)), None
+
+
+def labml_model(s: Seed) -> nn.Module:
+    """labml-nn's MLM with its MLPMixer, assembled as its experiment's configs assemble it."""
+    from labml_nn.transformers.feed_forward import FeedForward
+    from labml_nn.transformers.mlp_mixer import MLPMixer
+    from labml_nn.transformers.models import (Encoder, EmbeddingsWithPositionalEncoding, Generator,
+                                              TransformerLayer)
+
+    layer = TransformerLayer(d_model=s.d_model,
+                             self_attn=MLPMixer(FeedForward(s.seq_len, s.tokens_mlp_dim, s.dropout, nn.GELU())),
+                             feed_forward=FeedForward(s.d_model, s.d_ff, s.dropout, nn.GELU()),
+                             dropout_prob=s.dropout)
+    return LabmlMLM(encoder=Encoder(layer, s.n_layers),  # Encoder deep-copies the layer n_layers times
+                          src_embed=EmbeddingsWithPositionalEncoding(s.d_model, s.vocab_size),
+                          generator=Generator(s.vocab_size, s.d_model))
+
+
+def ours_model(s: Seed) -> nn.Module:
+    return MaskedLanguageModel(MLMConfig(seq_len=s.seq_len, d_model=s.d_model, n_layers=s.n_layers, d_ff=s.d_ff,
+                                         tokens_mlp_dim=s.tokens_mlp_dim, dropout=s.dropout,
+                                         vocab_size=s.vocab_size))
+
+
+def batch(s: Seed, seed: int = 0) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, s.vocab_size, (s.batch, s.seq_len), generator=g)
+    return mask_tokens(ids, mask_id=1, vocab_size=s.vocab_size, special_ids=(0, 1), generator=g)
+
+
+def make_step(name: str, s: Seed, dtype: torch.dtype | None = None):
+    """A closure running one training step of contender ``name`` ("mlpmixer" or "labml")."""
+    torch.manual_seed(0)
+    model = (ours_model if name == "mlpmixer" else labml_model)(s).train()
+    opt = common.adamw(model.parameters())
+    inputs, labels = batch(s)
+    autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
+
+    if name == "mlpmixer":
+        def loss_fn() -> Tensor:
+            return mlm_loss(model(inputs), labels)[0]
+    else:
+        inputs_sf, labels_sf = inputs.t().contiguous(), labels.t().contiguous()  # labml is sequence-first
+
+        def loss_fn() -> Tensor:
+            logits, _ = model(inputs_sf)  # (N, B, V)
+            return F.cross_entropy(logits.reshape(-1, s.vocab_size).float(), labels_sf.reshape(-1))
+
+    def step() -> None:
+        with autocast:
+            loss = loss_fn()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+CONTENDERS = ("mlpmixer", "labml")
+
+
+def run(warmup: int, reps: int, threads: int = 2, dtype: torch.dtype | None = None) -> str:
+    torch.set_num_threads(threads)
+    s = Seed()
+    try:
+        import labml_nn  # noqa: F401
+        names, skipped = CONTENDERS, ""
+    except ImportError:
+        names, skipped = ("mlpmixer",), "\nlabml-nn is not installed (pip install -e '.[bench]'); reference skipped.\n"
+    label = "bf16 autocast" if dtype is not None else "fp32"
+    mm, mm_flops = common.matmul(dtype=dtype or torch.float32)
+    fns = {"peak": mm, **{n: make_step(n, s, dtype) for n in names}}
+    med = common.timed_rounds(fns, warmup, reps)
+    peak = mm_flops / med["peak"]
+    extra = ("bf16",) if dtype is not None else ()
+    memory = {n: common.peak_memory("benchmarks.mlm", n, *extra, threads=threads) for n in names}
+    rows = []
+    for n in names:
+        t = med[n]
+        achieved = s.flops() / t
+        mem = memory[n]
+        rows.append([n, f"{t * 1e3:.1f}", f"{s.batch * s.seq_len / t:,.0f}",
+                     f"{med['labml'] / t:.2f}×" if "labml" in med else "—",
+                     common.gflops(achieved), f"{achieved / peak:.0%}",
+                     common.mib(mem["peak_bytes"]) if "peak_bytes" in mem else mem.get("error")])
+    head = (f"### MLM seed configuration, {label} training step ({threads} threads, {warmup} warm-up + {reps} "
+            f"timed rounds, medians)\n\nFLOPs/step {s.flops() / 1e9:.2f} G; {label} matmul peak this run "
+            f"{common.gflops(peak)} GFLOP/s (2048² torch.mm).\n{skipped}\n")
+    return head + common.table(["model", "ms/step", "tokens/s", "vs labml", "GFLOP/s", "of peak", "peak memory"],
+                               rows)
+
+
+def _child(name: str, *rest: str) -> None:
+    common.warm_libraries()
+    baseline = common.rest_kib()
+    common.child_report(make_step(name, Seed(), torch.bfloat16 if "bf16" in rest else None), baseline)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--memory-child", nargs="+")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=10)
+    args = parser.parse_args()
+    if args.memory_child:
+        _child(*args.memory_child)
+    else:
+        print(run(args.warmup, args.reps))

@@ -1,0 +1,165 @@
+"""Mixer-S/16 and Mixer-B/16 at 224: training step and inference, mlpmixer vs mlp-mixer-pytorch (and timm).
+
+Same architecture in every contender (Table 1 of the paper; mlp-mixer-pytorch's ``expansion_factor``
+is the *token* MLP's width over C and ``expansion_factor_token`` the channel MLP's, so S/16 is
+0.5 and 4), exact GELU, no dropout. One training step = forward, cross-entropy on random labels,
+backward, gradient clipping at 1.0, AdamW (`common.adamw`), ``zero_grad(set_to_none=True)``; inference =
+forward under ``torch.inference_mode``. Optional bfloat16 autocast for both.
+
+FLOPs per image, forward (matrix products): stem 2·S·(P²·3)·C, and per block 4·C·S·D_S (token MLP)
++ 4·S·C·D_C (channel MLP), head 2·C·classes; a training step is 3× that minus the stem's input
+gradient, which is not computed (2·S·P²·3·C less).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlpmixer import create_model
+from mlpmixer.vision import VisionConfig
+
+from . import common
+
+
+def flops(name: str, batch: int, train: bool) -> float:
+    c = VisionConfig.from_name(name)
+    s, p, k = c.num_patches, c.patch_size, 3 * c.patch_size ** 2
+    stem = 2 * s * k * c.hidden_dim
+    blocks = c.num_blocks * (4 * c.hidden_dim * s * c.tokens_mlp_dim + 4 * s * c.hidden_dim * c.channels_mlp_dim)
+    head = 2 * c.hidden_dim * c.num_classes
+    fwd = stem + blocks + head
+    return batch * (3 * fwd - stem if train else fwd)
+
+
+def build(contender: str, name: str) -> nn.Module:
+    c = VisionConfig.from_name(name)
+    if contender == "mlpmixer":
+        return create_model(name)
+    if contender == "mlp-mixer-pytorch":
+        from mlp_mixer_pytorch import MLPMixer
+        return MLPMixer(image_size=c.img_size, channels=3, patch_size=c.patch_size, dim=c.hidden_dim,
+                        depth=c.num_blocks, num_classes=c.num_classes,
+                        expansion_factor=c.tokens_mlp_dim / c.hidden_dim,
+                        expansion_factor_token=c.channels_mlp_dim / c.hidden_dim)
+    if contender == "timm":
+        import timm
+        return timm.create_model(name, pretrained=False)
+    raise ValueError(contender)
+
+
+def available() -> tuple[list[str], list[str]]:
+    """Contenders that import here, and a reason for each that does not."""
+    names, skipped = ["mlpmixer"], []
+    try:
+        import mlp_mixer_pytorch  # noqa: F401
+        names.append("mlp-mixer-pytorch")
+    except ImportError as e:
+        skipped.append(f"mlp-mixer-pytorch skipped: {e} (pip install -e '.[bench]')")
+    try:
+        import timm  # noqa: F401
+        names.append("timm")
+    except Exception as e:  # timm imports torchvision; any failure to import means "not here"
+        skipped.append(f"timm skipped: cannot import it here ({type(e).__name__}: {e})")
+    return names, skipped
+
+
+def make_step(contender: str, name: str, batch: int, train: bool, dtype: torch.dtype | None = None,
+              grad_checkpointing: bool = False):
+    """A closure running one training step (or inference) on a fixed random batch."""
+    step = model_step(contender, name, train, dtype, grad_checkpointing)
+    x, y = images(batch)
+    return lambda: step(x, y)
+
+
+def images(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, 224, 224, generator=g), torch.randint(0, 1000, (batch,), generator=g)
+
+
+def model_step(contender: str, name: str, train: bool, dtype: torch.dtype | None = None,
+               grad_checkpointing: bool = False):
+    """``step(x, y)``: one training step (or a forward pass) of a fresh model on any batch."""
+    torch.manual_seed(0)
+    model = build(contender, name)
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    autocast = torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+    if not train:
+        model.eval()
+
+        def infer(x: torch.Tensor, y: torch.Tensor) -> None:
+            with torch.inference_mode(), autocast:
+                model(x)
+
+        return infer
+    model.train()
+    opt = common.adamw(model.parameters())
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        with autocast:
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def run(models: dict[str, int], warmup: int, reps: int, threads: int = 2, dtype: torch.dtype | None = None,
+        memory: bool = True) -> str:
+    """One table per model: train and inference rows per contender. ``models``: name -> batch."""
+    torch.set_num_threads(threads)
+    names, skipped = available()
+    label = "bf16 autocast" if dtype is not None else "fp32"
+    mm, mm_flops = common.matmul(dtype=dtype or torch.float32)
+    out = [f"### Vision, {label} ({threads} threads, {warmup} warm-up + {reps} timed rounds, medians)", ""]
+    out += [f"- {s}" for s in skipped]
+    for name, batch in models.items():
+        fns = {"peak": mm}
+        for mode in ("train", "infer"):
+            fns.update({(n, mode): make_step(n, name, batch, mode == "train", dtype) for n in names})
+        med = common.timed_rounds(fns, warmup, reps)
+        peak = mm_flops / med["peak"]
+        mem = {n: common.peak_memory("benchmarks.vision", n, name, str(batch), *(["bf16"] if dtype else []),
+                                     threads=threads) for n in names} if memory else {}
+        rows = []
+        for mode in ("train", "infer"):
+            f = flops(name, batch, mode == "train")
+            for n in names:
+                t = med[(n, mode)]
+                ref = med.get(("mlp-mixer-pytorch", mode))
+                timm_t = med.get(("timm", mode))
+                m = mem.get(n, {}) if mode == "train" else {}
+                rows.append([n, mode, f"{t:.2f}", f"{batch / t:.2f}", f"{ref / t:.2f}×" if ref else "—",
+                             f"{timm_t / t:.2f}×" if timm_t else "—", common.gflops(f / t), f"{f / t / peak:.0%}",
+                             common.mib(m["peak_bytes"]) if "peak_bytes" in m else m.get("error", "")])
+        out += ["", f"**{name}**, batch {batch}; {label} matmul peak this run {common.gflops(peak)} GFLOP/s", "",
+                common.table(["model", "step", "s/step", "images/s", "vs mlp-mixer-pytorch", "vs timm", "GFLOP/s",
+                              "of peak", "train peak memory"], rows)]
+    return "\n".join(out)
+
+
+def _child(contender: str, name: str, batch: str, *rest: str) -> None:
+    """Peak of one training step at ``batch``, after a warm-up step at batch 2 that creates AdamW's state."""
+    common.warm_libraries()
+    baseline = common.rest_kib()
+    step = model_step(contender, name, True, torch.bfloat16 if "bf16" in rest else None,
+                      grad_checkpointing="ckpt" in rest)
+    step(*images(2))
+    x, y = images(int(batch))
+    common.child_report(lambda: step(x, y), baseline, warmup=0, steps=1)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--memory-child", nargs="+")
+    args = parser.parse_args()
+    if args.memory_child:
+        _child(*args.memory_child)
+    else:
+        print(run({"mixer_s16_224": 8}, 1, 3, threads=1))
