@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import time
 
@@ -32,7 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     bf16, why = common.bf16_native()
     print(f"## mlpmixer benchmarks, {datetime.date.today()}\n\n{common.cpu_name()}, {args.threads} threads, "
           f"torch {torch.__version__}, Python {platform.python_version()}; bf16: "
-          f"{'native' if bf16 else 'not native'} ({why}){' — quick mode' if q else ''}\n")
+          f"{'native' if bf16 else 'not native'} ({why}); load average at start "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs{' — quick mode' if q else ''}\n")
     dtypes = [None] + ([torch.bfloat16] if bf16 and not args.no_bf16 else [])
     for section in args.only:
         start = time.perf_counter()

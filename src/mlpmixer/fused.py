@@ -26,11 +26,11 @@ ACT_FORWARD = {
     "relu": F.relu,
     "silu": F.silu,
 }
-ACT_BACKWARD = {  # (gradient w.r.t. σ(h), h) -> gradient w.r.t. h
-    "gelu": lambda g, h: torch.ops.aten.gelu_backward(g, h),
-    "gelu_tanh": lambda g, h: torch.ops.aten.gelu_backward(g, h, approximate="tanh"),
-    "relu": lambda g, h: torch.ops.aten.threshold_backward(g, h, 0),
-    "silu": lambda g, h: torch.ops.aten.silu_backward(g, h),
+ACT_BACKWARD_ = {  # (gradient w.r.t. σ(h), h) -> gradient w.r.t. h, written over the first argument
+    "gelu": lambda g, h: torch.ops.aten.gelu_backward.grad_input(g, h, grad_input=g),
+    "gelu_tanh": lambda g, h: torch.ops.aten.gelu_backward.grad_input(g, h, approximate="tanh", grad_input=g),
+    "relu": lambda g, h: torch.ops.aten.threshold_backward.grad_input(g, h, 0, grad_input=g),
+    "silu": lambda g, h: torch.ops.aten.silu_backward.grad_input(g, h, grad_input=g),
 }
 
 
@@ -80,7 +80,8 @@ class _Mlp(torch.autograd.Function):
             h = torch.addmm(bias1, w1, x) if left else torch.addmm(bias1, x, w1.t())
         else:  # a fresh full-size bias, with dropped units pushed to where σ is flat zero
             scale = dropout.scale
-            h = torch.add(bias1, dropout.indicator(shape, x.dtype, dropped=True), alpha=dropped_value(x.dtype))
+            h = dropout.indicator(shape, x.dtype, dropped=True)
+            torch.add(bias1, h, alpha=dropped_value(x.dtype), out=h)
             h = h.addmm_(w1, x) if left else h.addmm_(x, w1.t())  # accumulate the product into it: no copy
         g = ACT_FORWARD[activation](h)
         w2s = w2 if scale == 1.0 else w2 * scale
@@ -94,14 +95,13 @@ class _Mlp(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         x, w1, w2s, h = ctx.saved_tensors
         left, scale = ctx.left, ctx.scale
-        dg = w2s.t() @ dy if left else dy @ w2s  # gradient w.r.t. σ(h)
-        g = ACT_FORWARD[ctx.activation](h)  # recomputed; dropped units are exactly 0 again
-        dw2 = dy @ g.t() if left else dy.t() @ g
-        del g
+        # one hidden-size buffer serves σ(h), then its gradient, then h's: fewer fresh pages per step
+        buf = ACT_FORWARD[ctx.activation](h)  # σ(h), recomputed; dropped units are exactly 0 again
+        dw2 = dy @ buf.t() if left else dy.t() @ buf
         if scale != 1.0:
             dw2.mul_(scale)  # W2 entered as W2 · scale
-        dh = ACT_BACKWARD[ctx.activation](dg, h)
-        del dg
+        torch.mm(w2s.t(), dy, out=buf) if left else torch.mm(dy, w2s, out=buf)  # gradient w.r.t. σ(h)
+        dh = ACT_BACKWARD_[ctx.activation](buf, h)
         dw1 = dh @ x.t() if left else dh.t() @ x
         dx = (w1.t() @ dh if left else dh @ w1) if ctx.needs_input_grad[0] else None
         db1, db2 = (dh.sum(1), dy.sum(1)) if left else (dh.sum(0), dy.sum(0))

@@ -79,7 +79,7 @@ class Dropout(nn.Module):
         bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(torch.iinfo(torch.int64).min, None)
         u = bits.view(torch.int16)[:n].view(shape)  # four uniform 16-bit lanes per draw, as -32768 … 32767
         t = self.threshold - 32768  # dropped iff u < t
-        c = u.clamp(t - 1, t)  # t − 1 where dropped, t where kept; 16-bit integer passes are cheap, bools are not
+        c = u.clamp_(t - 1, t)  # t − 1 where dropped, t where kept; 16-bit integer passes are cheap, bools are not
         return (c.sub_(t).neg_() if dropped else c.sub_(t - 1)).to(dtype)  # 1 where dropped (or kept), else 0
 
     def mask(self, shape: torch.Size, dtype: torch.dtype) -> Tensor:
