@@ -114,7 +114,7 @@ def shard_sums(batches: Iterable, rank: int, world: int, measure: Callable[[int,
     for i, batch in enumerate(batches):
         if i % world == rank:
             loss, correct, count = measure(i, batch)
-            sums["loss"] += float(loss) * int(count)
+            sums["loss"] += float(loss.detach() if isinstance(loss, Tensor) else loss) * int(count)
             sums["correct"] += int(correct)
             sums["count"] += int(count)
     return sums
