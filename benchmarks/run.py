@@ -3,7 +3,7 @@
 Sections: mlm (seed configuration vs labml-nn), vision (S/16 and B/16 vs mlp-mixer-pytorch and timm),
 scaling (token mixer time vs N, also writes docs/scaling.png), checkpointing (B/16 memory and time).
 bf16 autocast rows are added where the CPU multiplies bf16 natively. The full run takes about ten
-minutes on two cores; ``--quick`` (smaller batches, fewer rounds) about three.
+minutes on two cores; ``--quick`` (smaller batches, fewer rounds) about five.
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ def save_plot(times: dict[str, list[float]], lengths, batch: int, threads: int, 
     ax.set_xticks(list(lengths), [str(n) for n in lengths])
     ax.set_xlabel("sequence length N")
     ax.set_ylabel("ms per forward + backward")
-    ax.set_title(f"One token mixer, D = {D}, batch {batch}, {threads} CPU threads")
+    ax.set_title(f"One token mixer, D = {D}, batch {batch}, {threads} CPU thread{'s' if threads != 1 else ''}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
