@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import SelfAttention
+from .errors import unknown_choice
 from .layers import ACTIVATIONS, MixerBlock, TokenMixer, TokenMixingMlp
 
 TOKEN_MIXERS = ("mlp", "attention")
@@ -71,7 +72,7 @@ class EncoderConfig:
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+        raise unknown_choice(name, value, allowed)
 
 
 def make_token_mixer(config: EncoderConfig) -> TokenMixer:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from . import __version__, checkpoints
+from .errors import unknown_choice
 from .layers import MixerBlock, PatchEmbed, TokenMixingMlp
 
 GELU_APPROXIMATIONS = ("none", "tanh")
@@ -108,7 +109,7 @@ class VisionConfig:
     def from_name(cls, name: str, **overrides) -> VisionConfig:
         """A preset (see `list_models`) with some fields replaced."""
         if name not in PRESETS:
-            raise ValueError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
+            raise unknown_choice("model", name, PRESETS)
         return cls(**{**PRESETS[name], **overrides})
 
 
