@@ -95,10 +95,7 @@ def test_vision_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
               "--ckpt-every", "5", "--threads", "1", "--quiet"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert cli(*common, "--out", str(straight)).returncode == 0
-    proc = _popen(*common, "--out", str(killed))
-    _wait_for_step(killed, 12, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _kill_at_step(common, killed, 12)
     assert 10 <= torch.load(killed / "trainer_state.pt", weights_only=True)["step"] < 30
     resumed = cli("train", "vision", "--resume", str(killed), "--quiet")
     assert resumed.returncode == 0, resumed.stderr
@@ -133,17 +130,22 @@ def _popen(*args: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+def _kill_at_step(args: list[str], run: Path, step: int) -> None:
+    """Start a real training process into ``run``, SIGKILL it once it has logged ``step``."""
+    proc = _popen(*args, "--out", str(run))
+    _wait_for_step(run, step, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(sonnet_file, tmp_path):
     common = ["train", "mlm", "--text-file", str(sonnet_file), "--steps", "60", "--batch-size", "8",
               "--eval-every", "20", "--log-every", "5", "--ckpt-every", "10", *TINY]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert cli(*common, "--out", str(straight)).returncode == 0
-    proc = _popen(*common, "--out", str(killed))
-    _wait_for_step(killed, 25, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    _kill_at_step(common, killed, 25)
     state = torch.load(killed / "trainer_state.pt", weights_only=True)
     assert 20 <= state["step"] < 60, "killed mid-run, after at least two checkpoints"
     resumed = cli("train", "mlm", "--resume", str(killed), "--quiet")
