@@ -51,16 +51,6 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
                              f"or --resume {out} to continue it")
 
 
-def prepare_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to clobber a finished run unless asked, else delete it (`new_run_dir` keeps it until the
-    new run has saved a model)."""
-    if not _is_rank0():
-        return
-    check_out_dir(out, overwrite)
-    if holds_run(out):
-        shutil.rmtree(out)
-
-
 @contextmanager
 def new_run_dir(out: Path, overwrite: bool) -> Iterator[None]:
     """The body writes a new run into ``out``; nothing is lost and nothing half-made is left.
@@ -208,7 +198,7 @@ def _run(task: str, config, train: TrainConfig, tok: CharTokenizer, text: str, o
     kind = text_tasks()[task]
     torch.manual_seed(train.seed)
     model = kind.model(config)
-    device = resolve_device(train.device, int(os.environ.get("LOCAL_RANK", "0")))
+    device = resolve_device(train.device)
     options = {"color": is_terminal()} if task == "mlm" else {}
     job = kind.task(train_ids, val_ids, tok, config.seq_len, train.batch_size, train.seed, device,
                     max_val_windows=max_val_windows, **options)

@@ -33,8 +33,11 @@ class Dist:
         return self.world > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``; CUDA ranks use their local GPU."""
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``; CUDA ranks use their local GPU
+    (``local_rank``, by default torchrun's LOCAL_RANK)."""
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:

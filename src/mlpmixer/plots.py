@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,26 @@ class Run:
     def label(self) -> str:
         mixer = self.config.get("model", {}).get("token_mixer")
         return f"{self.path.name} ({mixer})" if mixer else self.path.name
+
+    @property
+    def parameters(self) -> int:
+        """Parameter count of the saved model (0 before the first checkpoint)."""
+        from safetensors import safe_open
+
+        weights = self.path / checkpoints.MODEL_FILE
+        if not weights.exists():
+            return 0
+        with safe_open(str(weights), "pt") as f:
+            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Median training throughput over the logged rows."""
+        return statistics.median(r["tokens_per_s"] for r in self.train) if self.train else float("nan")
+
+    @property
+    def wall_s(self) -> float:
+        return max((r.get("elapsed_s", 0.0) for r in self.train + self.val), default=0.0)
 
     @property
     def accuracy_key(self) -> str:
@@ -73,8 +95,6 @@ def plot_runs(run_dirs: list[str], output: str | os.PathLike) -> Path:
 
 def compare_runs(run_dirs: list[str]) -> str:
     """A Markdown table: final and best validation metrics, parameters, throughput, wall time."""
-    from safetensors import safe_open
-
     lines = ["| run | mixer | steps | final val loss | final val acc | best val acc | parameters | tokens/s | wall time |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for d in run_dirs:
@@ -82,21 +102,9 @@ def compare_runs(run_dirs: list[str]) -> str:
         key = run.accuracy_key
         final = run.val[-1] if run.val else {}
         best = max((r.get(key, 0.0) for r in run.val), default=float("nan"))
-        params = 0
-        weights = run.path / checkpoints.MODEL_FILE
-        if weights.exists():
-            with safe_open(str(weights), "pt") as f:
-                params = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
-        rate = sorted(r["tokens_per_s"] for r in run.train)[len(run.train) // 2] if run.train else float("nan")
-        wall = max((r.get("elapsed_s", 0.0) for r in run.train + run.val), default=0.0)
         lines.append(f"| {run.path.name} | {run.config.get('model', {}).get('token_mixer', '-')} | "
                      f"{final.get('step', '-')} | {final.get('val_loss', float('nan')):.4f} | "
-                     f"{final.get(key, float('nan')):.4f} | {best:.4f} | {params:,} | {rate:,.0f} | {wall:.0f} s |")
+                     f"{final.get(key, float('nan')):.4f} | {best:.4f} | {run.parameters:,} | {run.tokens_per_s:,.0f} | "
+                     f"{run.wall_s:.0f} s |")
     return "\n".join(lines)
 
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

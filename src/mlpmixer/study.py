@@ -62,7 +62,7 @@ def run_study(task: str, out: str | os.PathLike, *, steps: int, seeds: int, sour
         for seed in range(seeds):
             for mixer in MIXERS:
                 run = out / f"{schedule}-{mixer}-seed{seed}"
-                if (run / "trainer_state.pt").exists() and Run.load(run).val and Run.load(run).val[-1]["step"] == steps:
+                if (run / "trainer_state.pt").exists() and _finished(Run.load(run), steps):
                     continue
                 print(f"study: {task} {schedule} {mixer} seed {seed} -> {run}", flush=True)
                 train_text(task, {**(model_fields or {}), "token_mixer": mixer},
@@ -82,31 +82,23 @@ def write_report(task: str, out: Path, schedules: tuple[str, ...], seeds: int) -
     for (schedule, mixer), runs in groups.items():
         finals = [r.val[-1][key] for r in runs]
         bests = [(max if higher else min)(v[key] for v in r.val) for r in runs]
-        rates = [statistics.median(t["tokens_per_s"] for t in r.train) for r in runs]
-        walls = [max(x.get("elapsed_s", 0.0) for x in r.train + r.val) for r in runs]
-        lines.append(f"| {schedule} | {mixer} | {_mean_std(finals)} | {_mean_std(bests)} | {_params(runs[0]):,} | "
+        rates = [r.tokens_per_s for r in runs]
+        walls = [r.wall_s for r in runs]
+        lines.append(f"| {schedule} | {mixer} | {_mean_std(finals)} | {_mean_std(bests)} | {runs[0].parameters:,} | "
                      f"{statistics.median(rates):,.0f} | {statistics.mean(walls):.0f} s |")
     md = out / "study.md"
     md.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return md, _plot(groups, key, label, out / "study.png")
 
 
+def _finished(run: Run, steps: int) -> bool:
+    return bool(run.val) and run.val[-1]["step"] == steps
+
+
 def _mean_std(values: list[float]) -> str:
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.4f} ± {std:.4f}"
 
-
-def _params(run: Run) -> int:
-    from safetensors import safe_open
-
-    with safe_open(str(run.path / "model.safetensors"), "pt") as f:
-        total = 0
-        for k in f.keys():
-            n = 1
-            for s in f.get_slice(k).get_shape():
-                n *= s
-            total += n
-    return total
 
 
 def _plot(groups: dict, key: str, label: str, path: Path) -> Path:

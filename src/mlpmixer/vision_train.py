@@ -219,7 +219,7 @@ def _fit_vision(net: MlpMixer, data: ImageData, preprocess: Preprocess, train: V
     elif train.grad_checkpointing:
         raise ValueError("--grad-checkpointing is not available for this model")
     task = VisionTask(data, preprocess, train, len(run_config["class_names"]),
-                      resolve_device(train.device, int(os.environ.get("LOCAL_RANK", "0"))))
+                      resolve_device(train.device))
     with cpu_threads(train.threads, net):
         return fit(net, task, train, out, d_model=net.config.hidden_dim, run_config=run_config, resume=resume,
                    quiet=quiet)
