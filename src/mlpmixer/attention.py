@@ -1,5 +1,5 @@
-"""Self-attention behind the `TokenMixer` interface, and a swap that puts token-mixing MLPs into
-any model built on ``torch.nn.MultiheadAttention``.
+"""Self-attention behind the `TokenMixer` interface, and a swap that puts token-mixing MLPs (or
+FNet's or gMLP's mixers, see `mixers`) into any model built on ``torch.nn.MultiheadAttention``.
 
 Attention mixes tokens with weights computed from the input, softmax(Q Kᵀ / √d) V; the token-mixing
 MLP mixes them with learned weights that do not depend on the input. Both have the same interface,
@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import TokenMixingMlp
+from .layers import TokenMixer, TokenMixingMlp
+from .mixers import FourierMixing, GatedMlpMixer
 
 
 class SelfAttention(nn.Module):
@@ -45,7 +46,7 @@ class SelfAttention(nn.Module):
 
 
 class MixingAsAttention(nn.Module):
-    """A token-mixing MLP that answers ``torch.nn.MultiheadAttention``'s call.
+    """A token mixer (by default a token-mixing MLP) that answers ``torch.nn.MultiheadAttention``'s call.
 
     ``forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None, ...)``
     returns ``(output, None)``: there are no attention weights to return. Only self-attention
@@ -53,8 +54,8 @@ class MixingAsAttention(nn.Module):
     mask and the mixer was built causal.
     """
 
-    def __init__(self, embed_dim: int, seq_len: int, tokens_mlp_dim: int, batch_first: bool,
-                 dropout: float = 0.0, causal: bool = False):
+    def __init__(self, embed_dim: int, seq_len: int, tokens_mlp_dim: int | None, batch_first: bool,
+                 dropout: float = 0.0, causal: bool = False, mixer: TokenMixer | None = None):
         super().__init__()
         self.embed_dim = embed_dim
         self.batch_first = batch_first
@@ -62,7 +63,9 @@ class MixingAsAttention(nn.Module):
         self._qkv_same_embed_dim = True
         self.in_proj_bias = None
         self.in_proj_weight = None
-        self.mixer = TokenMixingMlp(seq_len, tokens_mlp_dim, dropout=dropout, causal=causal)
+        if mixer is None:
+            mixer = TokenMixingMlp(seq_len, tokens_mlp_dim, dropout=dropout, causal=causal)
+        self.mixer = mixer
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = True, attn_mask: Tensor | None = None,
@@ -90,12 +93,32 @@ class MixingAsAttention(nn.Module):
         return attn_mask.shape[-2:] == (seq, seq) and seq == n and bool((allowed == causal).all())
 
 
-def swap_attention(module: nn.Module, seq_len: int, tokens_mlp_dim: int, dropout: float = 0.0,
-                   causal: bool = False) -> nn.Module:
-    """Replace every ``nn.MultiheadAttention`` inside ``module`` with a token-mixing MLP, in place.
+SWAP_MIXERS = ("mlp", "fourier", "gmlp")
 
-    Works on any model, e.g. a stock ``nn.TransformerEncoder`` (batch_first or not): each replacement
-    accepts the same call and returns ``(output, None)``. Returns ``module``.
+
+def _swap_mixer(kind: str, embed_dim: int, seq_len: int, tokens_mlp_dim: int | None, d_ffn: int | None,
+                dropout: float, causal: bool) -> TokenMixer:
+    if kind == "mlp":
+        if tokens_mlp_dim is None:
+            raise ValueError("swap_attention(..., mixer='mlp') needs tokens_mlp_dim, the token-mixing MLP's "
+                             "hidden width")
+        return TokenMixingMlp(seq_len, tokens_mlp_dim, dropout=dropout, causal=causal)
+    if kind == "fourier":
+        return FourierMixing(seq_len, causal=causal)
+    if kind == "gmlp":
+        return GatedMlpMixer(embed_dim, d_ffn or 2 * embed_dim, seq_len, causal=causal, dropout=dropout)
+    raise ValueError(f"unknown mixer {kind!r} for swap_attention; choose one of {', '.join(SWAP_MIXERS)}")
+
+
+def swap_attention(module: nn.Module, seq_len: int, tokens_mlp_dim: int | None = None, dropout: float = 0.0,
+                   causal: bool = False, *, mixer: str = "mlp", d_ffn: int | None = None) -> nn.Module:
+    """Replace every ``nn.MultiheadAttention`` inside ``module`` with a token mixer, in place.
+
+    ``mixer`` names it: ``"mlp"`` (a token-mixing MLP of hidden width ``tokens_mlp_dim``, the
+    default), ``"fourier"`` (FNet's Fourier mixing; not causal) or ``"gmlp"`` (gMLP's gated MLP with
+    hidden width ``d_ffn``, default twice the embedding width). Works on any model, e.g. a stock
+    ``nn.TransformerEncoder`` (batch_first or not): each replacement accepts the same call and
+    returns ``(output, None)``. Returns ``module``.
     """
     replaced = 0
     for m in module.modules():
@@ -107,9 +130,10 @@ def swap_attention(module: nn.Module, seq_len: int, tokens_mlp_dim: int, dropout
                 if not child._qkv_same_embed_dim:
                     raise ValueError(f"{name}: attention with kdim/vdim != embed_dim is cross-attention; "
                                      "a token-mixing MLP can only replace self-attention")
-                mixer = MixingAsAttention(child.embed_dim, seq_len, tokens_mlp_dim, child.batch_first,
-                                          dropout=dropout, causal=causal)
-                setattr(parent, name, mixer.to(next(child.parameters()).device))
+                inner = _swap_mixer(mixer, child.embed_dim, seq_len, tokens_mlp_dim, d_ffn, dropout, causal)
+                wrapper = MixingAsAttention(child.embed_dim, seq_len, tokens_mlp_dim, child.batch_first,
+                                            dropout=dropout, causal=causal, mixer=inner)
+                setattr(parent, name, wrapper.to(next(child.parameters()).device))
                 replaced += 1
     if replaced == 0:
         raise ValueError("swap_attention found no torch.nn.MultiheadAttention to replace in this module")

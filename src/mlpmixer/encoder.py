@@ -1,6 +1,6 @@
-"""A pre-norm transformer encoder whose token mixer is chosen by name: ``"mlp"`` or ``"attention"``.
+"""A pre-norm transformer encoder whose token mixer is chosen by name (``TOKEN_MIXERS``).
 
-    x = x + drop(mixer(LN(x)))      mixer: TokenMixingMlp (Eq. 1) or SelfAttention
+    x = x + drop(mixer(LN(x)))      mixer: TokenMixingMlp (Eq. 1), SelfAttention, FourierMixing or GatedMlpMixer
     x = x + drop(FFN(LN(x)))        FFN: the channel-mixing MLP (Eq. 2)
 
 then a final LayerNorm. Each block owns its own token-mixing weights. Shapes: (B, N, D) throughout.
@@ -18,8 +18,9 @@ from torch import Tensor, nn
 from .attention import SelfAttention
 from .errors import unknown_choice
 from .layers import ACTIVATIONS, MixerBlock, TokenMixer, TokenMixingMlp
+from .mixers import FourierMixing, GatedMlpMixer
 
-TOKEN_MIXERS = ("mlp", "attention")
+TOKEN_MIXERS = ("mlp", "attention", "fourier", "gmlp")
 POS_EMBEDDINGS = ("sinusoidal", "learned", "none")
 
 
@@ -36,7 +37,8 @@ class EncoderConfig:
     n_heads: int = 8
     """Attention heads (``token_mixer="attention"`` only)."""
     d_ff: int = 256
-    """Hidden width of the channel-mixing MLP (feed-forward network), D_C."""
+    """Hidden width of the channel-mixing MLP (feed-forward network), D_C; with ``token_mixer="gmlp"`` also the
+    gMLP mixer's d_ffn (even: its gate splits it into two halves)."""
     tokens_mlp_dim: int = 128
     """Hidden width of the token-mixing MLP, D_S."""
     dropout: float = 0.1
@@ -44,7 +46,8 @@ class EncoderConfig:
     activation: str = "gelu"
     """Non-linearity σ: one of ``layers.ACTIVATIONS``."""
     token_mixer: str = "mlp"
-    """``"mlp"`` (the paper's token-mixing MLP) or ``"attention"`` (multi-head self-attention)."""
+    """``"mlp"`` (the paper's token-mixing MLP), ``"attention"`` (multi-head self-attention), ``"fourier"`` (FNet's
+    Re(FFT2), not causal) or ``"gmlp"`` (gMLP's spatial gating unit); see docs/mixers.md."""
     causal: bool = False
     """Position i sees only positions <= i (autoregressive models)."""
     pos_embedding: str = "sinusoidal"
@@ -65,6 +68,11 @@ class EncoderConfig:
         if self.token_mixer == "mlp" and self.causal and self.tokens_mlp_dim != self.seq_len:
             raise ValueError(f"causal token mixing needs tokens_mlp_dim == seq_len; got tokens_mlp_dim="
                              f"{self.tokens_mlp_dim}, seq_len={self.seq_len} (set --tokens-mlp-dim {self.seq_len})")
+        if self.token_mixer == "fourier" and self.causal:
+            raise ValueError("Fourier mixing is not causal: every output sees every position; "
+                             "train lm needs --token-mixer mlp, gmlp or attention")
+        if self.token_mixer == "gmlp" and self.d_ff % 2:
+            raise ValueError(f"the gmlp token mixer splits d_ff into two halves, so d_ff must be even; got {self.d_ff}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -80,6 +88,11 @@ def make_token_mixer(config: EncoderConfig) -> TokenMixer:
     if config.token_mixer == "mlp":
         return TokenMixingMlp(config.seq_len, config.tokens_mlp_dim, dropout=config.dropout,
                               activation=config.activation, causal=config.causal)
+    if config.token_mixer == "fourier":
+        return FourierMixing(config.seq_len, causal=config.causal)
+    if config.token_mixer == "gmlp":
+        return GatedMlpMixer(config.d_model, config.d_ff, config.seq_len, causal=config.causal,
+                             dropout=config.dropout, activation=config.activation)
     return SelfAttention(config.d_model, config.n_heads, dropout=config.dropout, causal=config.causal)
 
 
