@@ -9,6 +9,7 @@ import torch
 
 from mlpmixer import MaskedLanguageModel
 from mlpmixer import checkpoints as ck
+from mlpmixer import runs
 
 
 def test_weights_round_trip(tmp_path, tiny_mlm_config):
@@ -54,16 +55,16 @@ def test_json_helpers(tmp_path):
 
 def test_metrics_log_truncates_on_resume_and_skips_cut_lines(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    log = ck.MetricsLog(path)
+    log = runs.MetricsLog(path)
     for step in (5, 10, 15, 20):
-        log.write({"step": step, "loss": 1.0 / step})
+        log.write({"step": step, "loss": 1.0 / step, "accuracy": 0.5, "tokens_per_s": 100.0})
     with open(path, "a") as f:
         f.write('{"step": 25, "lo')  # a line cut short by a crash
-    assert [r["step"] for r in ck.read_metrics(path)] == [5, 10, 15, 20]
-    ck.MetricsLog(path, truncate_after=10)
-    assert [r["step"] for r in ck.read_metrics(path)] == [5, 10]
-    ck.MetricsLog(path)  # a fresh run starts an empty log
-    assert ck.read_metrics(path) == []
+    assert [r["step"] for r in runs.read_metrics(path)] == [5, 10, 15, 20]
+    runs.MetricsLog(path, truncate_after=10)
+    assert [r["step"] for r in runs.read_metrics(path)] == [5, 10]
+    runs.MetricsLog(path)  # a fresh run starts an empty log
+    assert runs.read_metrics(path) == []
     assert all(json.loads(line) for line in path.read_text().splitlines() if line)
 
 

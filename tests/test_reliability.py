@@ -382,7 +382,7 @@ def test_ctrl_c_checkpoints_and_exits_130(sonnet_file, tmp_path, monkeypatch, ca
     out = tmp_path / "run"
     assert train_mlm(sonnet_file, out) == 130
     err = capsys.readouterr().err
-    assert f"interrupted at step 3; checkpoint saved. Resume with: mlpmixer train mlm --resume {out}" in err
+    assert f"stopped by SIGINT at step 3; checkpoint saved. Resume with: mlpmixer train mlm --resume {out}" in err
     assert "Traceback" not in err
     assert checkpoints.checkpoint_step(out) == 3
 

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import __version__, checkpoints
+from . import checkpoints, runs
 from .data.text import DataError, load_corpus, read_text_file
-from .data.tokenizer import VOCAB_FILE, CharTokenizer
+from .data.tokenizer import CharTokenizer
 from .data.windows import split_train_val
-from .errors import RunExistsError
 from .mlm import MaskedLanguageModel, MLMConfig, MLMTask
 from .train import TrainConfig, fit, is_terminal, resolve_device
 
@@ -31,69 +28,12 @@ class TextSource:
     def read(self) -> str:
         return read_text_file(self.text_file) if self.text_file else load_corpus(self.corpus)
 
+    def absolute(self) -> "TextSource":
+        """The same source with the file's path made absolute, so a run resumes from any directory."""
+        return dataclasses.replace(self, text_file=os.path.abspath(self.text_file)) if self.text_file else self
 
-RUN_FILES = (checkpoints.CONFIG_FILE, checkpoints.MODEL_FILE, checkpoints.STATE_FILE, checkpoints.METRICS_FILE,
-             VOCAB_FILE, "tensorboard")
-
-
-def _is_rank0() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone looks after the directory
-
-
-def holds_run(out: Path) -> bool:
-    return (out / checkpoints.CONFIG_FILE).exists() or (out / checkpoints.MODEL_FILE).exists()
-
-
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to write into a run unless asked; ``--resume`` is the way to continue one."""
-    if holds_run(out) and not overwrite:
-        raise RunExistsError(f"{str(out)!r} already holds a run; pass --overwrite to replace it, "
-                             f"or --resume {out} to continue it")
-
-
-@contextmanager
-def new_run_dir(out: Path, overwrite: bool) -> Iterator[None]:
-    """The body writes a new run into ``out``; nothing is lost and nothing half-made is left.
-
-    A run already in ``out`` is refused without ``overwrite``; with it, it is moved aside and deleted
-    only once the new run has saved a model, so a new run that fails before its first checkpoint
-    gives the old one back. A new run that fails before saving a model leaves no run files behind,
-    so the corrected command needs no ``--overwrite``.
-    """
-    if not _is_rank0():
-        yield
-        return
-    check_out_dir(out, overwrite)
-    existed = out.exists()
-    backup = out.with_name(f".{out.name}.replaced") if holds_run(out) else None
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-        os.replace(out, backup)
-    try:
-        yield
-    except BaseException:
-        if not (out / checkpoints.MODEL_FILE).exists():  # nothing worth keeping was saved
-            _remove_run_files(out, remove_dir=backup is not None or not existed)
-            if backup is not None:
-                os.replace(backup, out)
-                backup = None
-        raise
-    finally:
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-
-
-def _remove_run_files(out: Path, remove_dir: bool) -> None:
-    """Delete what a run writes into ``out`` (and ``out`` itself when the run created it)."""
-    if remove_dir:
-        shutil.rmtree(out, ignore_errors=True)
-        return
-    for name in RUN_FILES:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        elif path.exists():
-            path.unlink()
+    def describe(self) -> str:
+        return repr(self.text_file) if self.text_file else f"corpus {self.corpus!r}"
 
 
 @dataclass(frozen=True)
@@ -130,8 +70,8 @@ def train_text(task: str, model_fields: dict, train: TrainConfig, source: TextSo
             raise ValueError(f"--epochs must be positive, got {epochs}")
         per_epoch = len(split_train_val(text)[0]) // (config.seq_len * train.batch_size)
         train = dataclasses.replace(train, steps=max(1, round(epochs * per_epoch)))
-    with new_run_dir(out, overwrite):
-        return _run(task, config, train, tok, text, out, resume=False, source=source,
+    with runs.new_run(out, overwrite):
+        return _run(task, config, train, tok, text, out, resume=False, source=source.absolute(),
                     max_val_windows=max_val_windows, quiet=quiet, tensorboard=tensorboard)
 
 
@@ -150,12 +90,8 @@ def resumed_configs(out: Path, task: str, changes: dict, train_cls: type = Train
     Changing anything else (the model's shape, the optimiser, the seed, ...) would not continue the
     same run, so it is one error listing every differing field.
     """
-    if not out.is_dir():
-        raise checkpoints.CheckpointError(f"run directory {str(out)!r} does not exist; nothing to resume")
-    saved = checkpoints.read_json(out / checkpoints.CONFIG_FILE)
-    if saved.get("task") != task:
-        raise checkpoints.CheckpointError(f"{str(out)!r} is a {saved.get('task')!r} run, not a {task} run")
-    if not isinstance(saved.get("model"), dict) or not isinstance(saved.get("train"), dict):
+    saved = runs.read_run_config(out, task)
+    if "train" not in saved:
         raise checkpoints.CheckpointError(f"{out / checkpoints.CONFIG_FILE} lacks the model or train settings; "
                                           f"it cannot be resumed")
     current = {**saved["model"], **saved["train"]}
@@ -164,24 +100,39 @@ def resumed_configs(out: Path, task: str, changes: dict, train_cls: type = Train
     if differing:
         raise ValueError(f"cannot resume {out} with a different configuration ({'; '.join(differing)}); only "
                          f"{', '.join(RESUMABLE_CHANGES)} may change on resume; start a new run with --out instead")
-    try:
-        train = train_cls(**{**saved["train"], **{k: v for k, v in changes.items() if k in RESUMABLE_CHANGES}})
-    except TypeError as e:  # a field this version does not know
-        raise checkpoints.CheckpointError(f"{out / checkpoints.CONFIG_FILE} has training settings this version "
-                                          f"cannot read ({e})") from None
+    allowed = {k: v for k, v in changes.items() if k in RESUMABLE_CHANGES}
+    train = runs.build_config(train_cls, {**saved["train"], **allowed}, out / checkpoints.CONFIG_FILE, "training")
     return saved, train
 
 
 def resume_text(task: str, out: str | os.PathLike, *, changes: dict | None = None, quiet: bool = False,
-                tensorboard: bool = False) -> dict[str, float]:
-    """Continue the run in ``out`` from its last checkpoint (optionally to a new step count)."""
+                tensorboard: bool = False, text_file: str | None = None,
+                allow_changed_data: bool = False) -> dict[str, float]:
+    """Continue the run in ``out`` from its last checkpoint (optionally to a new step count).
+
+    The text is read from the path saved with the run (absolute), or from ``text_file`` when the data
+    moved; either way its fingerprint must match the one saved unless ``allow_changed_data``.
+    """
     out = Path(out)
-    saved, train = resumed_configs(out, task, changes or {})
-    config = text_tasks()[task].config(**saved["model"])
-    source = TextSource(**saved["data"])
-    tok = CharTokenizer.load(out)
-    return _run(task, config, train, tok, source.read(), out, resume=True, source=source,
-                max_val_windows=saved.get("max_val_windows"), quiet=quiet, tensorboard=tensorboard)
+    with runs.open_run(out):
+        saved, train = resumed_configs(out, task, changes or {})
+        path = out / checkpoints.CONFIG_FILE
+        config = runs.build_config(text_tasks()[task].config, saved["model"], path)
+        data = saved.get("data") if isinstance(saved.get("data"), dict) else {}
+        source = runs.build_config(TextSource, {k: v for k, v in data.items() if k != "fingerprint"}, path, "data")
+        if text_file is not None:
+            source = TextSource(corpus=source.corpus, text_file=text_file).absolute()
+        if not quiet:
+            print(f"resuming {out} on {source.describe()}", file=sys.stderr)
+        text = source.read()
+        runs.check_fingerprint(data.get("fingerprint"), runs.fingerprint_text(text), source.describe(),
+                               allow_changed_data)
+        tok = load_tokenizer(out, config.vocab_size)
+        if source != TextSource(**{k: v for k, v in data.items() if k != "fingerprint"}):
+            runs.write_config(out, {**saved, "data": {**dataclasses.asdict(source),
+                                                      "fingerprint": runs.fingerprint_text(text)}})
+        return _run(task, config, train, tok, text, out, resume=True, source=source,
+                    max_val_windows=saved.get("max_val_windows"), quiet=quiet, tensorboard=tensorboard)
 
 
 def resume_mlm(out: str | os.PathLike, **options) -> dict[str, float]:
@@ -202,8 +153,9 @@ def _run(task: str, config, train: TrainConfig, tok: CharTokenizer, text: str, o
     options = {"color": is_terminal()} if task == "mlm" else {}
     job = kind.task(train_ids, val_ids, tok, config.seq_len, train.batch_size, train.seed, device,
                     max_val_windows=max_val_windows, **options)
-    run_config = {"task": task, "mlpmixer_version": __version__, "model": dataclasses.asdict(config),
-                  "data": dataclasses.asdict(source), "max_val_windows": max_val_windows}
+    run_config = {"task": task, "model": dataclasses.asdict(config),
+                  "data": {**dataclasses.asdict(source), "fingerprint": runs.fingerprint_text(text)},
+                  "max_val_windows": max_val_windows}
     return fit(model, job, train, out, d_model=config.d_model, run_config=run_config, resume=resume,
                save_extra=tok.save, quiet=quiet, tensorboard=tensorboard)
 
@@ -211,19 +163,17 @@ def _run(task: str, config, train: TrainConfig, tok: CharTokenizer, text: str, o
 def load(run_dir: str | os.PathLike, device: str = "cpu", task: str = "mlm"):
     """The trained model (eval mode) and its tokenizer from a text run directory (``task`` mlm or lm)."""
     run = Path(run_dir)
-    if not run.is_dir():
-        raise checkpoints.CheckpointError(f"run directory {str(run)!r} does not exist")
-    saved = checkpoints.read_json(run / checkpoints.CONFIG_FILE)
-    if saved.get("task") != task:
-        raise checkpoints.CheckpointError(f"{str(run)!r} holds a {saved.get('task')!r} run; this needs an {task} run")
-    kind = text_tasks()[task]
-    try:
-        config = kind.config(**saved["model"])
-    except (TypeError, ValueError, KeyError) as e:
-        raise checkpoints.CheckpointError(f"{run / checkpoints.CONFIG_FILE} has an invalid model config ({e})") from None
-    model = kind.model(config)
+    saved = runs.read_run_config(run, task)
+    config = runs.build_config(text_tasks()[task].config, saved["model"], run / checkpoints.CONFIG_FILE)
+    model = text_tasks()[task].model(config)
     checkpoints.load_weights(model, run / checkpoints.MODEL_FILE)
+    return model.to(device).eval(), load_tokenizer(run, config.vocab_size)
+
+
+def load_tokenizer(run: Path, vocab_size: int) -> CharTokenizer:
+    """The run's vocabulary, which must be as large as its model's."""
     tok = CharTokenizer.load(run)
-    if tok.vocab_size != config.vocab_size:
-        raise checkpoints.CheckpointError(f"{run} has a vocabulary of {tok.vocab_size} but a model of {config.vocab_size}")
-    return model.to(device).eval(), tok
+    if tok.vocab_size != vocab_size:
+        raise checkpoints.CheckpointError(f"{run / runs.VOCAB_FILE} has {tok.vocab_size} tokens but the model "
+                                          f"{vocab_size}; the run's files do not belong together")
+    return tok

@@ -228,30 +228,3 @@ def read_trainer_state(out: Path) -> dict:
     if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
         raise CheckpointError(f"{path} is not an mlpmixer trainer state (it needs {', '.join(STATE_KEYS)})")
     return state
-
-
-class MetricsLog:
-    """Appends one JSON object per line to metrics.jsonl; on resume drops rows past the checkpoint."""
-
-    def __init__(self, path: Path, truncate_after: int = 0):
-        self.path = path
-        if truncate_after and path.exists():
-            rows = [r for r in read_metrics(path) if r.get("step", 0) <= truncate_after]
-            atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
-        elif not truncate_after:
-            path.write_text("")
-
-    def write(self, row: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-
-def read_metrics(path: Path) -> list[dict]:
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue  # a line cut short by a crash
-    return rows

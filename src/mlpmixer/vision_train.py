@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import __version__, checkpoints
+import sys
+
+from . import checkpoints, runs
 from .data.images import ImageData, ImageSet, Preprocess, augment, load_digits, load_image_folder
 from .official import checkpoint_grid, load_official_npz
 from .resize import resize_tokens
@@ -173,8 +175,6 @@ def train_vision(model: str = "mixer_tiny_digits", train: VisionTrainConfig | No
     a different number of classes gets a new zero head, a larger ``img_size`` resizes the token MLPs
     (Appendix C).
     """
-    from .api import new_run_dir
-
     train = train or VisionTrainConfig()
     overrides = dict(model_overrides or {})
     data = load_data(dataset, data_dir, overrides.get("in_chans", 3))
@@ -192,24 +192,38 @@ def train_vision(model: str = "mixer_tiny_digits", train: VisionTrainConfig | No
         train = dataclasses.replace(train, steps=max(1, round(epochs * per_epoch)), eval_every=per_epoch,
                                     ckpt_every=per_epoch, log_every=min(train.log_every, per_epoch))
     out = Path(out)
-    run_config = {"task": "vision", "mlpmixer_version": __version__, "model": net.config.to_dict(),
-                  "data": data.source, "class_names": classes, "preprocess": preprocess.to_dict(),
-                  "init": str(init) if init else None}
-    with new_run_dir(out, overwrite):
+    run_config = {"task": "vision", "model": net.config.to_dict(),
+                  "data": {**data.source, "fingerprint": data.fingerprint()}, "class_names": classes,
+                  "preprocess": preprocess.to_dict(), "init": str(init) if init else None}
+    with runs.new_run(out, overwrite):
         return _fit_vision(net, data, preprocess, train, out, run_config, resume=False, quiet=quiet)
 
 
-def resume_vision(out: str | os.PathLike, *, changes: dict | None = None, quiet: bool = False) -> dict[str, float]:
-    """Continue the vision run in ``out`` from its last checkpoint (optionally to a new step count)."""
+def resume_vision(out: str | os.PathLike, *, changes: dict | None = None, quiet: bool = False,
+                  data_dir: str | os.PathLike | None = None, allow_changed_data: bool = False) -> dict[str, float]:
+    """Continue the vision run in ``out`` from its last checkpoint (optionally to a new step count).
+
+    The images are read from the folder saved with the run (absolute), or from ``data_dir`` when they
+    moved; their fingerprint must match the saved one unless ``allow_changed_data``.
+    """
     from .api import resumed_configs
 
     out = Path(out)
-    saved, train = resumed_configs(out, "vision", changes or {}, VisionTrainConfig)
-    source = saved["data"]
-    data = load_data(source.get("dataset", "digits"), source.get("data_dir"), saved["model"].get("in_chans", 3))
-    net = MlpMixer(read_vision_config(out))
-    preprocess = Preprocess(net.config.image_hw, net.config.in_chans, crop_pct=data.crop_pct)
-    return _fit_vision(net, data, preprocess, train, out, saved, resume=True, quiet=quiet)
+    with runs.open_run(out):
+        saved, train = resumed_configs(out, "vision", changes or {}, VisionTrainConfig)
+        source = saved.get("data") if isinstance(saved.get("data"), dict) else {}
+        folder = data_dir if data_dir is not None else source.get("data_dir")
+        if not quiet:
+            print(f"resuming {out} on {repr(str(folder)) if folder else source.get('dataset', 'digits')}",
+                  file=sys.stderr)
+        net = MlpMixer(read_vision_config(out))
+        data = load_data(source.get("dataset", "digits"), folder, net.config.in_chans)
+        runs.check_fingerprint(source.get("fingerprint"), data.fingerprint(),
+                               repr(str(folder)) if folder else "digits", allow_changed_data)
+        if data_dir is not None:
+            runs.write_config(out, {**saved, "data": {**data.source, "fingerprint": data.fingerprint()}})
+        preprocess = Preprocess(net.config.image_hw, net.config.in_chans, crop_pct=data.crop_pct)
+        return _fit_vision(net, data, preprocess, train, out, saved, resume=True, quiet=quiet)
 
 
 def _fit_vision(net: MlpMixer, data: ImageData, preprocess: Preprocess, train: VisionTrainConfig, out: Path,
@@ -275,7 +289,7 @@ def predict(run_dir: str | os.PathLike, images: list[str | os.PathLike], top_k: 
     if top_k <= 0:
         raise ValueError(f"--top-k must be positive, got {top_k}")
     model = MlpMixer.from_pretrained(run_dir).to(device)
-    saved = checkpoints.read_json(Path(run_dir) / checkpoints.CONFIG_FILE)
+    saved = runs.read_run_config(run_dir, "vision")
     if model.config.num_classes == 0:
         raise checkpoints.CheckpointError(f"the model in {str(run_dir)!r} has no classifier head")
     names = saved.get("class_names") or [str(i) for i in range(model.config.num_classes)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import hashlib
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -174,6 +175,18 @@ class ImageData:
     crop_pct: float
     source: dict
 
+    def fingerprint(self) -> dict:
+        """Image count and a sha256 over every image (file path, size and label; or the pixels of a
+        built-in set): what ``--resume`` checks before continuing on the data."""
+        digest = hashlib.sha256()
+        for split in (self.train, self.val):
+            digest.update(split.labels.numpy().tobytes())
+            if split.images is not None:
+                digest.update(split.images.numpy().tobytes())
+            for path in split.paths or []:
+                digest.update(f"{path.relative_to(path.parents[2])}:{path.stat().st_size}\n".encode())
+        return {"images": len(self.train) + len(self.val), "sha256": digest.hexdigest()}
+
 
 def load_digits() -> ImageData:
     """scikit-learn's 8x8 handwritten digits (1,797 images, offline), split 80/20 stratified, seed 0."""
@@ -212,7 +225,7 @@ def load_image_folder(root: str | os.PathLike, in_chans: int = 3) -> ImageData:
     train, skipped_train = _folder_split(root / "train", names, every_class=True)
     val, skipped_val = _folder_split(root / "val", names, every_class=False)
     return ImageData(train, val, in_chans=in_chans, augment=Augment(), crop_pct=0.875,
-                     source={"dataset": "folder", "data_dir": str(root),
+                     source={"dataset": "folder", "data_dir": str(root.resolve()),
                              "skipped_images": skipped_train + skipped_val})
 
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
-
-from ..checkpoints import CheckpointError
 
 PAD, MASK = "[PAD]", "[MASK]"
 VOCAB_FILE = "vocab.json"
@@ -49,15 +48,26 @@ class CharTokenizer:
         return "".join(self.itos[int(i)] if int(i) >= 2 else "" for i in ids)
 
     def save(self, directory: str | os.PathLike) -> None:
-        (Path(directory) / VOCAB_FILE).write_text(json.dumps({"itos": self.itos[2:]}, ensure_ascii=False),
-                                                  encoding="utf-8")
+        """Write ``vocab.json`` atomically (a temporary file renamed into place)."""
+        path = Path(directory) / VOCAB_FILE
+        fd, tmp = tempfile.mkstemp(prefix=f".{VOCAB_FILE}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"itos": self.itos[2:]}, f, ensure_ascii=False)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "CharTokenizer":
+        """The tokenizer saved in ``directory``; a missing or malformed file is one ValueError naming it."""
         path = Path(directory) / VOCAB_FILE
         if not path.exists():
-            raise CheckpointError(f"no {VOCAB_FILE} in {str(directory)!r}; is it an mlpmixer text run directory?")
+            raise ValueError(f"no {VOCAB_FILE} in {str(directory)!r}; is it an mlpmixer text run directory?")
         try:
-            return cls(json.loads(path.read_text(encoding="utf-8"))["itos"])
+            chars = json.loads(path.read_text(encoding="utf-8"))["itos"]
         except (ValueError, KeyError, TypeError, OSError) as e:
-            raise CheckpointError(f"{path} is not a valid vocabulary file ({e})") from None
+            raise ValueError(f"{path} is not a valid vocabulary file ({type(e).__name__}: {e})") from None
+        if not isinstance(chars, list) or not all(isinstance(c, str) and len(c) == 1 for c in chars):
+            raise ValueError(f"{path} is not a valid vocabulary file: 'itos' must be a list of single characters")
+        if len(set(chars)) != len(chars):
+            raise ValueError(f"{path} is not a valid vocabulary file: it repeats characters")
+        return cls(chars)
