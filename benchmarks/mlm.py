@@ -11,11 +11,16 @@ FLOPs per step (matrix products only; ×3 for forward + the two backward product
     3 · B · N · [L · (4 · D · D_S + 4 · D · D_C) + 2 · D · V]
 (the token MLP multiplies N -> D_S -> N for each of the B·D columns: 4·B·D·N·D_S; the channel MLP
 D -> D_C -> D for each of the B·N tokens: 4·B·N·D·D_C; the head 2·B·N·D·V).
+
+The same step with the other token mixers in mlpmixer's encoder (``mlpmixer-fourier``,
+``mlpmixer-gmlp``, gMLP's d_ffn = D_C) replaces 4·D·D_S per token by the mixer's own count: FNet's two
+FFTs ≈ 5·D·(log2 N + log2 D) (not matrix products), gMLP's 3·D·D_C + N·D_C.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,9 +44,12 @@ class Seed:
     dropout: float = 0.1
     vocab_size: int = 67
 
-    def flops(self) -> float:
+    def flops(self, mixer: str = "mlp") -> float:
         """Matrix-product FLOPs of one training step (see the module docstring)."""
-        per_token = self.n_layers * (4 * self.d_model * self.tokens_mlp_dim + 4 * self.d_model * self.d_ff)
+        token_mixing = {"mlp": 4 * self.d_model * self.tokens_mlp_dim,
+                        "fourier": 5 * self.d_model * (math.log2(self.seq_len) + math.log2(self.d_model)),
+                        "gmlp": 3 * self.d_model * self.d_ff + self.seq_len * self.d_ff}[mixer]
+        per_token = self.n_layers * (token_mixing + 4 * self.d_model * self.d_ff)
         per_token += 2 * self.d_model * self.vocab_size
         return 3.0 * self.batch * self.seq_len * per_token
 
@@ -73,10 +81,13 @@ def labml_model(s: Seed) -> nn.Module:
                           generator=Generator(s.vocab_size, s.d_model))
 
 
-def ours_model(s: Seed) -> nn.Module:
+def ours_model(s: Seed, mixer: str = "mlp") -> nn.Module:
     return MaskedLanguageModel(MLMConfig(seq_len=s.seq_len, d_model=s.d_model, n_layers=s.n_layers, d_ff=s.d_ff,
                                          tokens_mlp_dim=s.tokens_mlp_dim, dropout=s.dropout,
-                                         vocab_size=s.vocab_size))
+                                         vocab_size=s.vocab_size, token_mixer=mixer))
+
+
+OURS = {"mlpmixer": "mlp", "mlpmixer-fourier": "fourier", "mlpmixer-gmlp": "gmlp"}  # contender -> token mixer
 
 
 def batch(s: Seed, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -86,14 +97,14 @@ def batch(s: Seed, seed: int = 0) -> tuple[Tensor, Tensor]:
 
 
 def make_step(name: str, s: Seed, dtype: torch.dtype | None = None):
-    """A closure running one training step of contender ``name`` ("mlpmixer" or "labml")."""
+    """A closure running one training step of contender ``name`` (one of ``OURS``, or "labml")."""
     torch.manual_seed(0)
-    model = (ours_model if name == "mlpmixer" else labml_model)(s).train()
+    model = (labml_model(s) if name == "labml" else ours_model(s, OURS[name])).train()
     opt = common.adamw(model.parameters())
     inputs, labels = batch(s)
     autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
 
-    if name == "mlpmixer":
+    if name != "labml":
         def loss_fn() -> Tensor:
             return mlm_loss(model(inputs), labels)[0]
     else:
@@ -114,7 +125,7 @@ def make_step(name: str, s: Seed, dtype: torch.dtype | None = None):
     return step
 
 
-CONTENDERS = ("mlpmixer", "labml")
+CONTENDERS = ("mlpmixer", "labml", "mlpmixer-fourier", "mlpmixer-gmlp")
 
 
 def run(warmup: int, reps: int, threads: int = 2, dtype: torch.dtype | None = None) -> str:
@@ -124,7 +135,7 @@ def run(warmup: int, reps: int, threads: int = 2, dtype: torch.dtype | None = No
         import labml_nn  # noqa: F401
         names, skipped = CONTENDERS, ""
     except ImportError:
-        names, skipped = ("mlpmixer",), "\nlabml-nn is not installed (pip install -e '.[bench]'); reference skipped.\n"
+        names, skipped = tuple(OURS), "\nlabml-nn is not installed (pip install -e '.[bench]'); reference skipped.\n"
     label = "bf16 autocast" if dtype is not None else "fp32"
     mm, mm_flops = common.matmul(dtype=dtype or torch.float32)
     fns = {"peak": mm, **{n: make_step(n, s, dtype) for n in names}}
@@ -135,7 +146,7 @@ def run(warmup: int, reps: int, threads: int = 2, dtype: torch.dtype | None = No
     rows = []
     for n in names:
         t = med[n]
-        achieved = s.flops() / t
+        achieved = s.flops(OURS.get(n, "mlp")) / t
         mem = memory[n]
         rows.append([n, f"{t * 1e3:.1f}", f"{s.batch * s.seq_len / t:,.0f}",
                      f"{med['labml'] / t:.2f}×" if "labml" in med else "—",

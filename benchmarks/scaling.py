@@ -5,34 +5,46 @@ lays it out (a (B, N, D) view of sequence-first memory):
   - mlp, tokens_mlp_dim 128: the token-mixing MLP with a fixed hidden width; FLOPs 4·B·D·N·D_S, linear in N
   - mlp, tokens_mlp_dim N: hidden width growing with N (the seed's 4·N would be larger still); quadratic
   - attention, 8 heads: QKV and output projections 8·B·N·D² plus scores and mixing 4·B·N²·D
-(forward FLOPs; forward + backward is 3×). Writes a table, and a log–log plot to docs/scaling.png.
+  - fourier (FNet): Re(FFT2), no parameters; about 5·B·N·D·(log2 N + log2 D) for the two complex FFTs
+  - gmlp, d_ffn 256 (= the seed's d_ff): channel projections 3·B·N·D·F plus the spatial gate B·N²·F
+(forward FLOPs; forward + backward is counted as 3×, which for the FFT is only an estimate). Writes a
+table, and a log–log plot to docs/scaling.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
 
-from mlpmixer import SelfAttention, TokenMixingMlp
+from mlpmixer import FourierMixing, GatedMlpMixer, SelfAttention, TokenMixingMlp
 
 from . import common
 
-D, HEADS = 128, 8
+D, HEADS, GMLP_FFN = 128, 8, 256
 LENGTHS = (32, 64, 128, 256, 512, 1024)
-MIXERS = ("mlp, D_S=128", "mlp, D_S=N", "attention")
+MIXERS = ("mlp, D_S=128", "mlp, D_S=N", "attention", "fourier", "gmlp")
 
 
 def build(kind: str, n: int) -> torch.nn.Module:
     if kind == "attention":
         return SelfAttention(D, HEADS)
+    if kind == "fourier":
+        return FourierMixing(n)
+    if kind == "gmlp":
+        return GatedMlpMixer(D, GMLP_FFN, n)
     return TokenMixingMlp(n, 128 if kind == "mlp, D_S=128" else n)
 
 
 def flops(kind: str, n: int, batch: int) -> float:
     if kind == "attention":
         fwd = 8 * batch * n * D * D + 4 * batch * n * n * D
+    elif kind == "fourier":
+        fwd = 5 * batch * n * D * (math.log2(n) + math.log2(D))
+    elif kind == "gmlp":
+        fwd = 3 * batch * n * D * GMLP_FFN + batch * n * n * GMLP_FFN
     else:
         fwd = 4 * batch * D * n * (128 if kind == "mlp, D_S=128" else n)
     return 3.0 * fwd
