@@ -105,11 +105,11 @@ def test_generate_refuses_an_mlm_run(sonnet_file, tmp_path, capsys):
 def test_study_writes_a_table_and_a_plot(sonnet_file, tmp_path, capsys):
     out = tmp_path / "study"
     code = main(["study", "lm", "--steps", "4", "--seeds", "2", "--batch-size", "8", "--text-file", str(sonnet_file),
-                 "--out", str(out)])
+                 "--mixers", "mlp,attention", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     table = (out / "study.md").read_text(encoding="utf-8").splitlines()
     rows = [line for line in table if line.startswith("| seed") or line.startswith("| adamw")]
     assert len(rows) == 4 and {r.split("|")[2].strip() for r in rows} == {"mlp", "attention"}
     assert all("±" in r for r in rows)
     assert (out / "study.png").read_bytes()[:4] == b"\x89PNG"
-    assert len(list(out.glob("*-seed1"))) == 4
+    assert len(list(out.glob("*-seed1-*"))) == 4

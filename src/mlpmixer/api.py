@@ -52,6 +52,14 @@ def text_tasks() -> dict[str, TextTask]:
             "lm": TextTask(LMConfig, CausalLanguageModel, LMTask)}
 
 
+def text_config(task: str, model_fields: dict, text: str):
+    """The tokenizer of ``text`` and the model config of ``task`` with ``model_fields`` set."""
+    tok = CharTokenizer.from_text(text)
+    if task == "lm":  # the causal token MLP is square: its hidden width follows seq_len unless given
+        model_fields = {"tokens_mlp_dim": model_fields.get("seq_len", 32), **model_fields}
+    return tok, text_tasks()[task].config(vocab_size=tok.vocab_size, **model_fields)
+
+
 def train_text(task: str, model_fields: dict, train: TrainConfig, source: TextSource, out: str | os.PathLike, *,
                overwrite: bool = False, max_val_windows: int | None = None, quiet: bool = False,
                epochs: float | None = None, tensorboard: bool = False) -> dict[str, float]:
@@ -61,10 +69,7 @@ def train_text(task: str, model_fields: dict, train: TrainConfig, source: TextSo
     """
     out = Path(out)
     text = source.read()
-    tok = CharTokenizer.from_text(text)
-    if task == "lm":  # the causal token MLP is square: its hidden width follows seq_len unless given
-        model_fields = {"tokens_mlp_dim": model_fields.get("seq_len", 32), **model_fields}
-    config = text_tasks()[task].config(vocab_size=tok.vocab_size, **model_fields)
+    tok, config = text_config(task, model_fields, text)
     if epochs is not None:
         if epochs <= 0:
             raise ValueError(f"--epochs must be positive, got {epochs}")

@@ -124,15 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="seed for repeatable samples")
     gen.set_defaults(handler=cmd_generate)
 
-    study = commands.add_parser("study", help="train both token mixers with the same budget and seeds; report",
+    study = commands.add_parser("study", help="compare token mixers: same budget, seeds, schedules",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="MLP mixing vs attention: for each schedule (the seed's Noam, and AdamW with "
+                                description="Token mixers compared: for each schedule (the seed's Noam, and AdamW with "
                                 "a lower peak rate and longer warm-up) and seed, one run per mixer; writes study.md "
-                                "and study.png into --out. Finished runs are reused, so an interrupted study resumes.")
+                                "and study.png into --out. Each run's folder is named by a hash of its whole "
+                                "configuration: finished runs of the same configuration are reused, unfinished ones "
+                                "resumed, and nothing finished is overwritten.")
     study.add_argument("task", choices=("mlm", "lm"))
     study.add_argument("--steps", type=int, default=1000, help="optimiser steps per run")
     study.add_argument("--seeds", type=int, default=3, help="seeds per (schedule, mixer)")
     study.add_argument("--schedules", default="seed,adamw", help="comma-separated: seed, adamw")
+    study.add_argument("--mixers", default=None, help="comma-separated token mixers (default: every mixer; for lm "
+                       "every causal one)")
     study.add_argument("--batch-size", type=int, default=64, help="sequences per step")
     study.add_argument("--max-val-windows", type=int, default=2000, help="validation windows per evaluation")
     source = study.add_mutually_exclusive_group()
@@ -234,6 +238,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     md, png = run_study(args.task, args.out or f"runs/study-{args.task}", steps=args.steps, seeds=args.seeds,
                         source=TextSource(corpus=args.corpus, text_file=args.text_file),
                         schedules=tuple(s.strip() for s in args.schedules.split(",") if s.strip()),
+                        mixers=tuple(m.strip() for m in args.mixers.split(",") if m.strip()) if args.mixers else None,
                         batch_size=args.batch_size, max_val_windows=args.max_val_windows)
     print(md.read_text(encoding="utf-8"))
     print(f"wrote {md} and {png}")

@@ -1,23 +1,37 @@
-"""MLP mixing vs attention, rerunnable: both token mixers, the same budget, seeds and schedules.
+"""Token mixers compared, rerunnable: every mixer, the same budget, seeds and schedules.
 
 For every schedule (the seed's Noam settings, and AdamW with a lower peak rate and a longer warm-up)
 and every seed, a run per mixer; then ``study.md`` (mean ± std of the final validation metric,
-parameters, tokens/s, wall time) and ``study.png`` (validation curves, mean with the range over
-seeds shaded).
+parameters, tokens/s, wall time) and ``study.png`` (validation curves, mean ± one std over seeds).
+
+Each run (a *cell*) lives in a folder named by a hash of its whole configuration (task, every model
+and training setting, the data's fingerprint, the validation size): a finished cell with the same
+key is reused, an unfinished one resumed, and any other configuration gets a folder of its own, so
+nothing finished is overwritten and no result is reported for a configuration it was not run with.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from .api import TextSource, train_text
+from . import runs
+from .api import TextSource, resume_text, text_config, train_text
+from .checkpoints import atomic_write, write_json
+from .encoder import TOKEN_MIXERS
+from .errors import UsageError, unknown_choice
 from .plots import Run
 from .train import TrainConfig
 
-MIXERS = ("mlp", "attention")
+NON_CAUSAL = ("fourier",)
+"""Token mixers that cannot be made causal; a study of ``lm`` leaves them out."""
+STUDY_MARKER = "study.json"
+"""The file that marks a folder as a study mlpmixer made (it then may write study.md and study.png there)."""
 
 
 @dataclass(frozen=True)
@@ -46,49 +60,129 @@ SCHEDULES = {
 METRIC = {"mlm": ("val_accuracy", "masked-character accuracy", True), "lm": ("val_bpc", "bits per character", False)}
 
 
+@dataclass(frozen=True)
+class Cell:
+    """One run of the study: a schedule, a mixer and a seed, trained in ``path``."""
+
+    schedule: str
+    mixer: str
+    seed: int
+    key: str
+    path: Path
+
+
+def mixers_for(task: str, mixers: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """The token mixers a study of ``task`` compares: all of them, less the non-causal ones for lm."""
+    chosen = mixers or tuple(m for m in TOKEN_MIXERS if not (task == "lm" and m in NON_CAUSAL))
+    unknown = [m for m in chosen if m not in TOKEN_MIXERS]
+    if unknown:
+        raise unknown_choice("token mixer", unknown[0], TOKEN_MIXERS)
+    return tuple(chosen)
+
+
+def cell_key(identity: dict) -> str:
+    """A short hash of everything that decides a run's result."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def cell_identity(task: str, model: dict, train: dict, fingerprint: dict, max_val_windows: int | None) -> dict:
+    return {"task": task, "model": model, "train": train, "data": fingerprint, "max_val_windows": max_val_windows}
+
+
+def saved_key(run: Path) -> str | None:
+    """The `cell_key` of the run saved in ``run`` (None if its config.json is incomplete)."""
+    config = runs.run_config(run)
+    try:
+        return cell_key(cell_identity(config["task"], config["model"], config["train"],
+                                      config["data"]["fingerprint"], config.get("max_val_windows")))
+    except (TypeError, KeyError):
+        return None
+
+
 def run_study(task: str, out: str | os.PathLike, *, steps: int, seeds: int, source: TextSource,
-              schedules: tuple[str, ...] = ("seed", "adamw"), model_fields: dict | None = None, batch_size: int = 64,
-              max_val_windows: int | None = 2000, quiet: bool = True) -> tuple[Path, Path]:
-    """Train every (schedule, mixer, seed) run under ``out`` (finished runs are reused) and report."""
+              schedules: tuple[str, ...] = ("seed", "adamw"), mixers: tuple[str, ...] | None = None,
+              model_fields: dict | None = None, batch_size: int = 64, max_val_windows: int | None = 2000,
+              quiet: bool = True) -> tuple[Path, Path]:
+    """Train every (schedule, mixer, seed) cell under ``out`` (reusing finished ones) and report."""
     if task not in METRIC:
-        raise ValueError(f"unknown study task {task!r}; choose mlm or lm")
+        raise UsageError(f"unknown study task {task!r}; choose mlm or lm")
     if steps <= 0 or seeds <= 0:
-        raise ValueError(f"--steps and --seeds must be positive, got {steps} and {seeds}")
+        raise UsageError(f"--steps and --seeds must be positive, got {steps} and {seeds}")
     unknown = [s for s in schedules if s not in SCHEDULES]
     if unknown:
-        raise ValueError(f"unknown schedule {unknown[0]!r}; choose from {', '.join(SCHEDULES)}")
-    out = Path(out)
+        raise unknown_choice("schedule", unknown[0], tuple(SCHEDULES))
+    mixers = mixers_for(task, mixers)
+    out = study_dir(Path(out))
+    text = source.read()
+    fingerprint = runs.fingerprint_text(text)
+    cells = []
     for schedule in schedules:
         for seed in range(seeds):
-            for mixer in MIXERS:
-                run = out / f"{schedule}-{mixer}-seed{seed}"
-                if (run / "trainer_state.pt").exists() and _finished(Run.load(run), steps):
-                    continue
-                print(f"study: {task} {schedule} {mixer} seed {seed} -> {run}", flush=True)
-                train_text(task, {**(model_fields or {}), "token_mixer": mixer},
-                           SCHEDULES[schedule].train_config(steps, seed, batch_size), source, run, overwrite=True,
-                           max_val_windows=max_val_windows, quiet=quiet)
-    return write_report(task, out, schedules, seeds)
+            for mixer in mixers:
+                fields = {**(model_fields or {}), "token_mixer": mixer}
+                train = SCHEDULES[schedule].train_config(steps, seed, batch_size)
+                _, config = text_config(task, fields, text)
+                key = cell_key(cell_identity(task, dataclasses.asdict(config), dataclasses.asdict(train),
+                                             fingerprint, max_val_windows))
+                cell = Cell(schedule, mixer, seed, key, out / f"{schedule}-{mixer}-seed{seed}-{key}")
+                train_cell(task, cell, fields, train, source, max_val_windows, quiet)
+                cells.append(cell)
+    return write_report(task, out, cells, seeds)
 
 
-def write_report(task: str, out: Path, schedules: tuple[str, ...], seeds: int) -> tuple[Path, Path]:
+def study_dir(out: Path) -> Path:
+    """``out`` as a study folder: created with a marker, or recognised by it; never someone else's files."""
+    marker = out / STUDY_MARKER
+    if out.is_dir() and not marker.exists():
+        theirs = [name for name in (STUDY_MARKER, "study.md", "study.png") if (out / name).exists()]
+        if theirs:
+            raise UsageError(f"{str(out)!r} is not an mlpmixer study folder but holds {', '.join(theirs)}; "
+                             f"mlpmixer never replaces files it did not write: choose another --out")
+    elif out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a file, not a directory; choose a directory for the study")
+    out.mkdir(parents=True, exist_ok=True)
+    if not marker.exists():
+        write_json(marker, {"format": "mlpmixer-study", "format_version": 1})
+    return out
+
+
+def train_cell(task: str, cell: Cell, fields: dict, train: TrainConfig, source: TextSource,
+               max_val_windows: int | None, quiet: bool) -> None:
+    """Reuse the cell's finished run, resume an unfinished one, or train it."""
+    path = cell.path
+    if runs.is_run(path) and saved_key(path) not in (None, cell.key):
+        raise UsageError(f"{path} holds a run of another configuration than its name says; move it away")
+    if runs.is_run(path) and runs.has_model(path):
+        if _finished(Run.load(path), train.steps):
+            return
+        print(f"study: {task} {cell.schedule} {cell.mixer} seed {cell.seed}: resuming {path}", flush=True)
+        resume_text(task, path, quiet=quiet)
+        return
+    print(f"study: {task} {cell.schedule} {cell.mixer} seed {cell.seed} -> {path}", flush=True)
+    train_text(task, fields, train, source, path, max_val_windows=max_val_windows, quiet=quiet)
+
+
+def write_report(task: str, out: Path, cells: list[Cell], seeds: int) -> tuple[Path, Path]:
     key, label, higher = METRIC[task]
-    groups = {(s, m): [Run.load(out / f"{s}-{m}-seed{i}") for i in range(seeds)] for s in schedules for m in MIXERS}
-    lines = [f"# Study: MLP token mixing vs attention ({task})", "",
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for cell in cells:
+        groups.setdefault((cell.schedule, cell.mixer), []).append(Run.load(cell.path))
+    lines = [f"# Study: token mixers compared ({task})", "",
              f"Final validation {label} ({'higher' if higher else 'lower'} is better), mean ± std over {seeds} "
-             f"seed(s); tokens/s is the median training throughput, wall time the mean per run.", "",
+             f"seed(s); tokens/s is the median training throughput, wall time the mean per run. Each run is in "
+             f"`SCHEDULE-MIXER-seedN-KEY/`, KEY a hash of its whole configuration.", "",
              f"| schedule | mixer | final {key} | best {key} | parameters | tokens/s | wall time |",
              "|---|---|---:|---:|---:|---:|---:|"]
-    for (schedule, mixer), runs in groups.items():
-        finals = [r.val[-1][key] for r in runs]
-        bests = [(max if higher else min)(v[key] for v in r.val) for r in runs]
-        rates = [r.tokens_per_s for r in runs]
-        walls = [r.wall_s for r in runs]
-        lines.append(f"| {schedule} | {mixer} | {_mean_std(finals)} | {_mean_std(bests)} | {runs[0].parameters:,} | "
+    for (schedule, mixer), group in groups.items():
+        finals = [r.val[-1][key] for r in group]
+        bests = [(max if higher else min)(v[key] for v in r.val) for r in group]
+        rates = [r.tokens_per_s for r in group]
+        walls = [r.wall_s for r in group]
+        lines.append(f"| {schedule} | {mixer} | {_mean_std(finals)} | {_mean_std(bests)} | {group[0].parameters:,} | "
                      f"{statistics.median(rates):,.0f} | {statistics.mean(walls):.0f} s |")
     md = out / "study.md"
-    md.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return md, _plot(groups, key, label, out / "study.png")
+    atomic_write(md, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n", encoding="utf-8"))
+    return md, _plot(task, groups, key, label, out / "study.png")
 
 
 def _finished(run: Run, steps: int) -> bool:
@@ -100,27 +194,35 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {std:.4f}"
 
 
-
-def _plot(groups: dict, key: str, label: str, path: Path) -> Path:
+def _plot(task: str, groups: dict, key: str, label: str, path: Path) -> Path:
+    """One panel per schedule, one line per mixer: mean over seeds, band ± one std; one shared y range."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    schedules = sorted({s for s, _ in groups}, key=list(SCHEDULES).index)
-    fig, axes = plt.subplots(1, len(schedules), figsize=(5.5 * len(schedules), 4), squeeze=False)
+    schedules = list(dict.fromkeys(s for s, _ in groups))
+    mixers = list(dict.fromkeys(m for _, m in groups))
+    fig, axes = plt.subplots(1, len(schedules), figsize=(5.5 * len(schedules), 4.4), squeeze=False, sharey=True)
     for ax, schedule in zip(axes[0], schedules):
-        for i, mixer in enumerate(MIXERS):
-            runs = groups[(schedule, mixer)]
-            steps = [v["step"] for v in runs[0].val]
-            values = np.array([[v[key] for v in r.val][: len(steps)] for r in runs])
-            ax.plot(steps, values.mean(0), "o-", color=f"C{i}", label=f"{mixer} (mean of {len(runs)})")
-            ax.fill_between(steps, values.min(0), values.max(0), color=f"C{i}", alpha=0.2)
-        ax.set(title=f"schedule: {schedule}", xlabel="step", ylabel=f"validation {label}")
+        for i, mixer in enumerate(mixers):
+            group = groups[(schedule, mixer)]
+            steps = [v["step"] for v in group[0].val]
+            values = np.array([[v[key] for v in r.val][: len(steps)] for r in group])
+            mean = values.mean(0)
+            std = values.std(0, ddof=1) if len(group) > 1 else np.zeros_like(mean)
+            ax.plot(steps, mean, "o-", color=f"C{i}", label=f"{mixer} (mean of {len(group)})")
+            ax.fill_between(steps, mean - std, mean + std, color=f"C{i}", alpha=0.2)
+        ax.set(title=f"schedule: {schedule}", xlabel="step")
         ax.grid(alpha=0.3)
         ax.legend()
+    axes[0][0].set_ylabel(f"validation {label}")
+    task_name = {"mlm": "masked language modelling", "lm": "causal language modelling"}[task]
+    fig.suptitle(f"Token mixers, {task_name}: validation {label} (band: ± 1 std over seeds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
     plt.close(fig)
     return path
