@@ -166,7 +166,9 @@ def save_trainer_state(out: Path, model: nn.Module, opt, sched, step: int) -> No
     write (a full disk) leaves the previous checkpoint whole; the trainer state is renamed last.
     """
     weights = _cpu_state(model)
-    state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+    # the state holds its own copy of the weights, so a crash between the two renames below (new
+    # weights, old state) still resumes exactly, from the state's step
+    state = {"step": step, "model": weights, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
              "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
                      "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}}
     staged: list[tuple[str, Path]] = []
@@ -194,8 +196,13 @@ def _write_failure(out: Path, step: int, error: BaseException) -> str:
 
 def load_trainer_state(out: Path, model: nn.Module, opt, sched) -> int:
     """Restore a run saved by `save_trainer_state`; returns the step it reached."""
-    model_step = load_weights(model, out / MODEL_FILE).get("step")
     state = read_trainer_state(out)
+    if isinstance(state.get("model"), dict):  # the weights of the state's own step
+        check_state_dict(model, state["model"], str(out / STATE_FILE))
+        model.load_state_dict(state["model"])
+        model_step = None
+    else:  # a state written before it held the weights: they must come from the same step
+        model_step = load_weights(model, out / MODEL_FILE).get("step")
     if model_step is not None and int(model_step) != int(state["step"]):
         raise CheckpointError(f"{out / MODEL_FILE} is from step {model_step} but {STATE_FILE} from step "
                               f"{state['step']}: the checkpoint was cut off while being written; the weights can "
