@@ -20,7 +20,7 @@ BAD_VALUES = [
     ("seq_len", 0), ("seq_len", -4), ("seq_len", 1.5),
     ("d_model", 0), ("n_layers", 0), ("n_heads", 0), ("d_ff", -1), ("tokens_mlp_dim", 0),
     ("dropout", 1.0), ("dropout", -0.1),
-    ("token_mixer", "convolution"), ("activation", "tanh"), ("pos_embedding", "rotary"),
+    ("token_mixer", "convolution"), ("activation", "tanh"), ("pos_embedding", "rope"),
 ]
 
 

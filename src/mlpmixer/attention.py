@@ -16,10 +16,39 @@ from .layers import TokenMixer, TokenMixingMlp
 from .mixers import FourierMixing, GatedMlpMixer
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention on ``scaled_dot_product_attention``; a `TokenMixer`."""
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (Su et al., 2021, RoFormer) for one head's queries or keys.
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, causal: bool = False):
+    Channel pairs (c, c + D/2) of the vector at position m are rotated by the angle m·θ_c with
+    θ_c = base^(-2c/D), so that ⟨R_m q, R_n k⟩ depends on q, k and m − n only. (B, H, N, D) -> same.
+    No parameters: the cos/sin tables are rebuilt, not saved, so checkpoints are unchanged.
+    """
+
+    def __init__(self, head_dim: int, max_len: int, base: float = 10000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"rotary positions need an even head width, got {head_dim}")
+        theta = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (D/2,)
+        angles = torch.arange(max_len, dtype=torch.float32)[:, None] * theta  # (max_len, D/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, half = x.shape[-2], x.shape[-1] // 2
+        cos, sin = self.cos[:n].to(x.dtype), self.sin[:n].to(x.dtype)  # (N, D/2), broadcast over B, H
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention on ``scaled_dot_product_attention``; a `TokenMixer`.
+
+    With ``rotary`` set, queries and keys are rotated by position before the dot product, so
+    attention itself sees where each token is (``pos_embedding="rotary"``).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, causal: bool = False,
+                 rotary: RotaryEmbedding | None = None):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
@@ -28,11 +57,14 @@ class SelfAttention(nn.Module):
         self.dropout = dropout
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
+        self.rotary = rotary
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         # q, k, v: (B, H, N, D/H)
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
         mask = None
         if padding_mask is not None:
             mask = ~padding_mask[:, None, None, :]  # (B, 1, 1, N), True where a key may be attended

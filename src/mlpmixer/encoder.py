@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .attention import SelfAttention
+from .attention import RotaryEmbedding, SelfAttention
 from .errors import unknown_choice
 from .layers import ACTIVATIONS, MixerBlock, TokenMixer, TokenMixingMlp
 from .mixers import FourierMixing, GatedMlpMixer
 
 TOKEN_MIXERS = ("mlp", "attention", "fourier", "gmlp")
-POS_EMBEDDINGS = ("sinusoidal", "learned", "none")
+POS_EMBEDDINGS = ("sinusoidal", "learned", "none", "rotary")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,7 +51,11 @@ class EncoderConfig:
     causal: bool = False
     """Position i sees only positions <= i (autoregressive models)."""
     pos_embedding: str = "sinusoidal"
-    """Position information added to the token embeddings: sinusoidal (the seed's), learned, none."""
+    """Positions: sinusoidal (the seed's, added), learned (added, init N(0, 0.02²)), none, rotary (attention's q, k only)."""
+    embed_scale: bool = True
+    """Multiply token embeddings by √d_model before adding positions (the seed's); off keeps them at init scale N(0, 1)."""
+    embed_norm: bool = False
+    """LayerNorm on token + position embeddings before the first block (BERT's embedding norm)."""
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "d_model", "n_layers", "n_heads", "d_ff", "tokens_mlp_dim"):
@@ -65,6 +69,15 @@ class EncoderConfig:
         _check_choice("pos_embedding", self.pos_embedding, POS_EMBEDDINGS)
         if self.token_mixer == "attention" and self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        for name in ("embed_scale", "embed_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.pos_embedding == "rotary" and self.token_mixer != "attention":
+            raise ValueError(f"pos_embedding 'rotary' rotates attention's queries and keys, so it needs "
+                             f"token_mixer 'attention', got {self.token_mixer!r}; use sinusoidal, learned or none")
+        if self.pos_embedding == "rotary" and (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"pos_embedding 'rotary' needs an even head width d_model / n_heads, got "
+                             f"{self.d_model} / {self.n_heads}")
         if self.token_mixer == "mlp" and self.causal and self.tokens_mlp_dim != self.seq_len:
             raise ValueError(f"causal token mixing needs tokens_mlp_dim == seq_len; got tokens_mlp_dim="
                              f"{self.tokens_mlp_dim}, seq_len={self.seq_len} (set --tokens-mlp-dim {self.seq_len})")
@@ -108,6 +121,9 @@ class Encoder(nn.Module):
             for _ in range(config.n_layers)
         )
         self.norm = nn.LayerNorm(config.d_model)
+        if config.pos_embedding == "rotary":  # every block's attention rotates its q and k by position
+            for block in self.blocks:
+                block.mlp_tokens.rotary = RotaryEmbedding(config.d_model // config.n_heads, config.seq_len)
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """x: (B, N, D) -> (B, N, D)."""
@@ -121,23 +137,29 @@ class Encoder(nn.Module):
 
 
 class TokenEmbedding(nn.Module):
-    """Token embedding scaled by √D plus a position embedding: ids (B, N) -> (N, B, D), sequence-first."""
+    """Token embedding (scaled by √D unless ``embed_scale`` is off) plus an additive position embedding,
+    then optionally a LayerNorm: ids (B, N) -> (N, B, D), sequence-first.
+
+    The scale matters: N(0, 1) embeddings times √D have norm ≈ D, while sinusoidal positions have norm
+    √(D/2), so after the first pre-norm the position is a few per cent of the signal.
+    """
 
     def __init__(self, vocab_size: int, config: EncoderConfig):
         super().__init__()
-        self.scale = math.sqrt(config.d_model)
+        self.scale = math.sqrt(config.d_model) if config.embed_scale else 1.0
         self.tokens = nn.Embedding(vocab_size, config.d_model)
         self.kind = config.pos_embedding
-        if self.kind == "learned":
-            self.positions = nn.Parameter(torch.zeros(config.seq_len, config.d_model))
+        if self.kind == "learned":  # small random init, as BERT and GPT-2
+            self.positions = nn.Parameter(torch.randn(config.seq_len, config.d_model) * 0.02)
         elif self.kind == "sinusoidal":
             self.register_buffer("positions", sinusoidal_positions(config.seq_len, config.d_model), persistent=False)
+        self.norm = nn.LayerNorm(config.d_model) if config.embed_norm else None
 
     def forward(self, ids: Tensor) -> Tensor:
         xs = self.tokens(ids.t()) * self.scale  # (N, B, D)
-        if self.kind != "none":
+        if self.kind in ("sinusoidal", "learned"):  # rotary positions act inside attention instead
             xs = xs + self.positions[: ids.shape[1], None]
-        return xs
+        return xs if self.norm is None else self.norm(xs)
 
 
 def sinusoidal_positions(n: int, d: int) -> Tensor:
