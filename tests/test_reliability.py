@@ -193,8 +193,12 @@ def test_run_dir_with_no_model(trained_run, tmp_path, capsys):
     (run / "model.safetensors").unlink()
     assert main(["fill", str(run), "Shall I compare th_e"]) == 2
     one_line(capsys, "the run has no saved model yet")
+    assert main(["train", "mlm", "--resume", str(run), "--quiet"]) == 0, "the trainer state holds the weights"
+    assert main(["fill", str(run), "Shall I compare th_e"]) == 0, "and resume writes the model file back"
+    (run / "model.safetensors").unlink()
+    (run / "trainer_state.pt").unlink()
     assert main(["train", "mlm", "--resume", str(run), "--quiet"]) == 2
-    one_line(capsys, "the run has no saved model yet")
+    one_line(capsys, "the run has no checkpoint to resume from")
 
 
 def test_checkpoint_of_the_other_task(trained_run, tmp_path, capsys):
@@ -360,8 +364,27 @@ def test_disk_full_at_a_checkpoint_keeps_the_previous_one(sonnet_file, tmp_path,
     assert checkpoints.checkpoint_step(out) == 20
 
 
-def test_a_checkpoint_cut_between_its_two_files_is_refused_on_resume(trained_run, tmp_path, capsys):
+def test_a_checkpoint_cut_between_its_two_files_resumes_from_the_trainer_state(trained_run, tmp_path, capsys):
+    """A crash between the two renames leaves new weights beside the old state: the state carries its own
+    weights, so the run resumes exactly from the state's step, and the newer weights still load."""
     run = copy_run(trained_run, tmp_path / "run")
+    weights, _ = checkpoints.read_weights(run / "model.safetensors")
+    save_file({k: v + 1.0 for k, v in weights.items()}, str(run / "model.safetensors"), metadata={"step": "25"})
+    mlpmixer.load(run)  # the newer weights load for inference
+    state = torch.load(run / "trainer_state.pt", weights_only=True)
+    model, _ = mlpmixer.load(trained_run)
+    resumed_model = copy_run(trained_run, tmp_path / "ref")
+    assert main(["train", "mlm", "--resume", str(run), "--steps", "22", "--quiet"]) == 0
+    assert main(["train", "mlm", "--resume", str(resumed_model), "--steps", "22", "--quiet"]) == 0
+    a, b = checkpoints.read_weights(run / "model.safetensors")[0], checkpoints.read_weights(resumed_model / "model.safetensors")[0]
+    assert state["step"] == 20 and all(torch.equal(a[k], b[k]) for k in a), "resumed from the state's weights"
+
+
+def test_a_legacy_checkpoint_cut_between_its_two_files_is_refused_on_resume(trained_run, tmp_path, capsys):
+    run = copy_run(trained_run, tmp_path / "run")
+    state = torch.load(run / "trainer_state.pt", weights_only=True)
+    del state["model"]  # as written before the state held the weights
+    torch.save(state, run / "trainer_state.pt")
     weights, _ = checkpoints.read_weights(run / "model.safetensors")
     save_file(weights, str(run / "model.safetensors"), metadata={"step": "15"})
     assert main(["train", "mlm", "--resume", str(run), "--steps", "30", "--quiet"]) == 2

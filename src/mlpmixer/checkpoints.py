@@ -103,9 +103,10 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
 
 
-def save_weights(model: nn.Module, path: Path) -> None:
+def save_weights(model: nn.Module, path: Path, step: int | None = None) -> None:
     state = _cpu_state(model)
-    atomic_write(path, lambda tmp: save_file(state, tmp))
+    metadata = {"step": str(step)} if step is not None else None
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
 
 
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

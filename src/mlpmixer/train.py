@@ -221,6 +221,8 @@ def fit(model: nn.Module, task: Task, config: TrainConfig, out_dir: str | os.Pat
     model.to(ctx.device)
     opt, sched = make_optimizer(model, config, d_model)
     start = checkpoints.load_trainer_state(out, model, opt, sched) if resume else 0
+    if resume and ctx.is_main and checkpoints.checkpoint_step(out) != start:
+        checkpoints.save_weights(model, out / checkpoints.MODEL_FILE, step=start)  # repair a missing or cut model file
     loop = _Loop(model, task, config, ctx, opt, sched, out, quiet, tensorboard)  # validates before any write
     if ctx.is_main and not resume:
         out.mkdir(parents=True, exist_ok=True)
