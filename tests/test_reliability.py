@@ -333,12 +333,13 @@ def test_no_code_path_unpickles_arbitrary_objects():
 
 # --- faults ----------------------------------------------------------------------------------------------
 
-def _fail_on_call(n: int, real):
+def _fail_on_call(n: int, real, only: str = ""):
+    """``real`` that fails with a full disk on its ``n``-th call whose file name holds ``only``."""
     calls = []
 
     def write(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == n:
+        calls.extend([1] if only in str(args[1]) else [])
+        if len(calls) == n and only in str(args[1]):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(*args, **kwargs)
 
@@ -348,7 +349,7 @@ def _fail_on_call(n: int, real):
 @pytest.mark.parametrize("target", ["weights", "trainer_state"])
 def test_disk_full_at_a_checkpoint_keeps_the_previous_one(sonnet_file, tmp_path, monkeypatch, capsys, target):
     if target == "weights":
-        monkeypatch.setattr(checkpoints, "save_file", _fail_on_call(2, save_file))
+        monkeypatch.setattr(checkpoints, "save_file", _fail_on_call(2, save_file, only=".model.safetensors."))
     else:
         monkeypatch.setattr(checkpoints.torch, "save", _fail_on_call(2, torch.save))
     out = tmp_path / "run"

@@ -44,8 +44,8 @@ def write_temp(path: Path, write: Callable[[str], None]) -> str:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the run from other users
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 (kept by writers that recreate the file) would hide the run
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
     except BaseException:
@@ -103,9 +103,9 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
 
 
-def save_weights(model: nn.Module, path: Path, step: int | None = None) -> None:
+def save_weights(model: nn.Module, path: Path, step: int | None = None, extra: dict[str, str] | None = None) -> None:
     state = _cpu_state(model)
-    metadata = {"step": str(step)} if step is not None else None
+    metadata = {**({"step": str(step)} if step is not None else {}), **(extra or {})} or None
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
 
 

@@ -13,18 +13,59 @@ import traceback
 import warnings
 
 from . import __version__
-from .errors import DataWarning, UsageError, unknown_choice
+from .errors import DataWarning, UsageError, did_you_mean, unknown_choice
 
 # Exit statuses: 2 for bad input (arguments, config values, input files, checkpoints: a ValueError),
 # 1 for a run that failed (disk full, non-finite loss, anything else), 130 for Ctrl-C.
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default once, and only where there is one to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: {action.default})"
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors; subcommands inherit it."""
+    """argparse with one-line errors and closest-option suggestions; subcommands inherit it."""
+
+    argv: list[str] = []
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)  # --epoch is a typo to point out, not --epochs
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
-        self.exit(EXIT_USAGE, f"mlpmixer: error: {message} (see: {self.prog} --help)\n")
+        parser = self.innermost(self.argv)
+        if message.startswith("unrecognized arguments:"):
+            message += closest_options(message.split(":", 1)[1].split(), parser)
+        self.exit(EXIT_USAGE, f"mlpmixer: error: {message} (see: {parser.prog} --help)\n")
+
+    def innermost(self, argv: list[str]) -> argparse.ArgumentParser:
+        """The (sub)command parser that the words of ``argv`` lead to."""
+        parser = self
+        for word in argv:
+            sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+            if sub is None or word not in sub.choices:
+                continue
+            parser = sub.choices[word]
+        return parser
+
+
+def closest_options(words: list[str], parser: argparse.ArgumentParser) -> str:
+    """`` (did you mean --steps?)`` for the first mistyped option with a close match in ``parser``."""
+    options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    for word in words:
+        if word.startswith("--"):
+            suggestion = did_you_mean(word.split("=")[0], options)
+            if suggestion:
+                return suggestion
+    return ""
 
 
 class Choice:
@@ -58,7 +99,7 @@ def field_docs(cls) -> dict[str, str]:
         body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
         for node, nxt in zip(body, body[1:]):
             if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                docs[node.target.id] = str(nxt.value.value)
+                docs[node.target.id] = str(nxt.value.value).replace("``", "")
     return docs
 
 
@@ -106,26 +147,26 @@ def build_parser() -> argparse.ArgumentParser:
                           "lower-triangular weights (tokens_mlp_dim = seq_len) or causal self-attention.")
     add_vision_commands(commands, train)
 
-    fill = commands.add_parser("fill", help="fill masked characters with a trained MLM",
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    fill = commands.add_parser("fill", help="fill masked characters with a trained MLM")
     fill.add_argument("run_dir", metavar="RUN_DIR", help="an mlm run directory")
     fill.add_argument("text", help='text with the characters to fill marked, e.g. "To be, or not to b_"')
     fill.add_argument("--mask-char", default="_", help="the character that marks a position to fill")
     fill.add_argument("--top-k", type=int, default=3, help="candidates to show per position")
+    fill.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     fill.set_defaults(handler=cmd_fill)
 
-    gen = commands.add_parser("generate", help="sample text from a trained lm run",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    gen = commands.add_parser("generate", help="sample text from a trained lm run")
     gen.add_argument("run_dir", metavar="RUN_DIR", help="an lm run directory")
     gen.add_argument("--prompt", default="ROMEO:", help="text to continue")
     gen.add_argument("--max-new-chars", type=int, default=200, help="characters to generate")
-    gen.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (lower: more conservative)")
+    gen.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (lower: more conservative; "
+                     "0: greedy, always the most likely character)")
+    gen.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     gen.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely characters")
     gen.add_argument("--seed", type=int, default=None, help="seed for repeatable samples")
     gen.set_defaults(handler=cmd_generate)
 
     study = commands.add_parser("study", help="compare token mixers: same budget, seeds, schedules",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="Token mixers compared: for each schedule (the seed's Noam, and AdamW with "
                                 "a lower peak rate and longer warm-up) and seed, one run per mixer; writes study.md "
                                 "and study.png into --out. Each run's folder is named by a hash of its whole "
@@ -147,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     plot = commands.add_parser("plot", help="plot loss and accuracy curves of one or more runs to a PNG")
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    plot.add_argument("-o", "--output", default="curves.png", help="PNG file to write")
+    plot.add_argument("-o", "--output", default=None, help="PNG file to write (default: curves.png in the first "
+                      "RUN_DIR)")
     plot.set_defaults(handler=cmd_plot)
     compare = commands.add_parser("compare", help="print a Markdown table comparing runs")
     compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
@@ -159,8 +201,7 @@ def add_text_train_parser(train, task: str, summary: str, description: str) -> N
     from .api import text_tasks
     from .train import TrainConfig
 
-    parser = train.add_parser(task, help=summary, description=description,
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = train.add_parser(task, help=summary, description=description)
     data = parser.add_argument_group("data")
     source = data.add_mutually_exclusive_group()
     source.add_argument("--corpus", default=None, choices=("shakespeare", "tinyshakespeare"),
@@ -201,15 +242,30 @@ def cmd_train_text(args: argparse.Namespace) -> int:
         metrics = train_text(args.task, picked(args, model_cls, skip=("causal",)), train, source, args.out,
                              overwrite=args.overwrite, max_val_windows=args.max_val_windows, quiet=args.quiet,
                              epochs=args.epochs, tensorboard=args.tensorboard)
-    print(f"done: {', '.join(f'{k} {v:.4f}' for k, v in metrics.items())}; run in {args.resume or args.out}")
+    finished(args.task, metrics, args.resume or args.out)
     return 0
+
+
+NEXT = {"mlm": 'mlpmixer fill {run} "To be, or not to b_, that is the qu_stion"',
+        "lm": 'mlpmixer generate {run} --prompt "ROMEO:" --temperature 0.8',
+        "vision": "mlpmixer predict {run} IMAGE.png"}
+
+
+def finished(task: str, metrics: dict[str, float], run: str) -> None:
+    """The end line (rank 0 alone under torchrun): the last validation metrics and the next command to try."""
+    import os
+
+    if int(os.environ.get("RANK", "0")):
+        return
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "nothing left to train"
+    print(f"done: {shown}; run in {run}\nnext: {NEXT[task].format(run=run)}")
 
 
 def cmd_fill(args: argparse.Namespace) -> int:
     from .api import load
     from .mlm import fill_mask
 
-    model, tok = load(args.run_dir)
+    model, tok = load(args.run_dir, device=checked_device(args.device))
     result = fill_mask(model, tok, args.text, mask_char=args.mask_char, top_k=args.top_k)
     print(result.text)
     for position, candidates in result.candidates:
@@ -223,12 +279,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.max_new_chars < 0:
         raise ValueError(f"--max-new-chars must be >= 0, got {args.max_new_chars}")
-    model, tok = load(args.run_dir, task="lm")
-    print(args.prompt, end="", flush=True)
-    for ch in generate(model, tok, args.prompt, args.max_new_chars, args.temperature, args.top_k, args.seed):
+    model, tok = load(args.run_dir, device=checked_device(args.device), task="lm")
+    chars = generate(model, tok, args.prompt, args.max_new_chars, args.temperature, args.top_k, args.seed)
+    first = next(chars, "")  # validates every input before anything is printed
+    print(args.prompt + first, end="", flush=True)
+    for ch in chars:
         print(ch, end="", flush=True)
     print()
     return 0
+
+
+def checked_device(name: str) -> str:
+    """``--device`` of an inference command: cpu, cuda or cuda:N, and CUDA only where it is available."""
+    from .distributed import resolve_device
+
+    return str(resolve_device(name))
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -248,7 +313,9 @@ def cmd_study(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from .plots import plot_runs
 
-    print(f"wrote {plot_runs(args.run_dirs, args.output)}")
+    from pathlib import Path
+
+    print(f"wrote {plot_runs(args.run_dirs, args.output or Path(args.run_dirs[0]) / 'curves.png')}")
     return 0
 
 
@@ -285,6 +352,7 @@ def add_vision_commands(commands, train) -> None:
     run.add_argument("--resume", metavar="RUN_DIR", help="continue the vision run in RUN_DIR from its last checkpoint")
     run.add_argument("--epochs", type=float, default=30, help="epochs, validating after each; --steps overrides (default: 30)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events to RUN_DIR/tensorboard")
     docs, model = field_docs(VisionConfig), vision.add_argument_group("model (overrides of the preset)")
     model.add_argument("--dropout", type=float, help=f"{docs['dropout']} (default: the preset's)")
     model.add_argument("--drop-path", type=float, help=f"{docs['drop_path']} (default: the preset's)")
@@ -293,11 +361,11 @@ def add_vision_commands(commands, train) -> None:
     add_config_args(vision, VisionTrainConfig, "training")
     vision.set_defaults(handler=cmd_train_vision)
 
-    predict = commands.add_parser("predict", help="classify images with a trained vision model",
-                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    predict = commands.add_parser("predict", help="classify images with a trained vision model")
     predict.add_argument("run_dir", metavar="RUN_DIR", help="a vision run directory (or save_pretrained directory)")
     predict.add_argument("images", metavar="IMAGE", nargs="+", help="image files (PNG, JPEG, ...)")
     predict.add_argument("--top-k", type=int, default=5, help="classes to show per image")
+    predict.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     predict.set_defaults(handler=cmd_predict)
 
 
@@ -307,30 +375,35 @@ def cmd_train_vision(args: argparse.Namespace) -> int:
 
     if args.resume:
         metrics = resume_vision(args.resume, changes=picked(args, VisionTrainConfig), quiet=args.quiet,
-                                data_dir=args.data_dir, allow_changed_data=args.allow_changed_data)
-        print(f"done: {', '.join(f'{k} {v:.4f}' for k, v in metrics.items())}; run in {args.resume}")
+                                data_dir=args.data_dir, allow_changed_data=args.allow_changed_data,
+                                tensorboard=args.tensorboard)
+        finished("vision", metrics, args.resume)
         return 0
     train = VisionTrainConfig(**picked(args, VisionTrainConfig))
     overrides = picked(args, VisionConfig, skip=("num_classes", "img_size", "in_chans"))  # dropout, drop_path, GELU
     metrics = train_vision(args.model, train, args.out, dataset=args.dataset, data_dir=args.data_dir,
                            img_size=args.img_size, epochs=None if args.steps else args.epochs, init=args.init,
-                           model_overrides=overrides, overwrite=args.overwrite, quiet=args.quiet)
-    print(f"done: {', '.join(f'{k} {v:.4f}' for k, v in metrics.items())}; run in {args.out}")
+                           model_overrides=overrides, overwrite=args.overwrite, quiet=args.quiet,
+                           tensorboard=args.tensorboard)
+    finished("vision", metrics, args.out)
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .vision_train import predict
 
-    for path, top in zip(args.images, predict(args.run_dir, args.images, top_k=args.top_k)):
+    for path, top in zip(args.images, predict(args.run_dir, args.images, top_k=args.top_k,
+                                              device=checked_device(args.device))):
         print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command in ``argv``; returns the exit status (0, 1 runtime failure, 2 bad input, 130 Ctrl-C)."""
+    parser = build_parser()
+    Parser.argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as e:  # --help and --version (0), bad arguments (2)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
     with warnings.catch_warnings():

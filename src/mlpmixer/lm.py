@@ -62,6 +62,7 @@ class LMTask:
     """Next-character batches, loss, validation (nats and bits per character) and a sample for `train.fit`."""
 
     name = "lm"
+    best_metric = ("val_loss", False)
 
     def __init__(self, train_ids: Tensor, val_ids: Tensor, tokenizer, seq_len: int, batch_size: int, seed: int,
                  device: torch.device, eval_batch_size: int = 256, max_val_windows: int | None = None,
@@ -85,6 +86,10 @@ class LMTask:
 
     def tokens_per_batch(self, batch: Tensor) -> int:
         return batch.shape[0] * (batch.shape[1] - 1)
+
+    def describe(self) -> str:
+        return (f"{len(self.sampler.ids):,} training characters, {len(self.val):,} validation windows of "
+                f"{self.val.shape[1] - 1}, vocabulary {self.tok.vocab_size}")
 
     def epoch(self, step: int) -> float:
         return step / self.sampler.per_epoch
@@ -114,11 +119,12 @@ class LMTask:
 @torch.no_grad()
 def generate(model: CausalLanguageModel, tok, prompt: str, max_new_chars: int = 200, temperature: float = 1.0,
              top_k: int | None = None, seed: int | None = None) -> Iterator[str]:
-    """Sample characters one at a time, each from the last ``seq_len`` characters (a sliding window)."""
+    """Sample characters one at a time, each from the last ``seq_len`` characters (a sliding window);
+    ``temperature`` 0 is greedy decoding (always the most likely character)."""
     if not prompt:
         raise ValueError("the prompt is empty; give at least one character, e.g. --prompt 'ROMEO:'")
-    if temperature <= 0:
-        raise ValueError(f"--temperature must be positive, got {temperature}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {top_k}")
     ids = tok.encode(prompt).tolist()
@@ -134,12 +140,15 @@ def generate(model: CausalLanguageModel, tok, prompt: str, max_new_chars: int = 
     ordinary[list(tok.special_ids)] = False
     for _ in range(max_new_chars):
         window = torch.tensor(ids[-model.config.seq_len:], device=device)[None]
-        logits = model(window)[0, -1].float() / temperature
-        logits = logits.masked_fill(~ordinary, float("-inf"))
-        if top_k is not None:
-            kth = logits.topk(min(top_k, int(ordinary.sum()))).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        next_id = int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+        logits = model(window)[0, -1].float().masked_fill(~ordinary, float("-inf"))
+        if temperature == 0:
+            next_id = int(logits.argmax())
+        else:
+            logits = logits / temperature
+            if top_k is not None:
+                kth = logits.topk(min(top_k, int(ordinary.sum()))).values[-1]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            next_id = int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
         ids.append(next_id)
         yield tok.itos[next_id]
     model.train(was_training)

@@ -104,6 +104,7 @@ class MLMTask:
     """Masked-LM batches, loss, validation (fixed masking seed) and sample fills for `train.fit`."""
 
     name = "mlm"
+    best_metric = ("val_accuracy", True)
 
     def __init__(self, train_ids: Tensor, val_ids: Tensor, tokenizer, seq_len: int, batch_size: int, seed: int,
                  device: torch.device, eval_batch_size: int = 256, max_val_windows: int | None = None,
@@ -133,6 +134,10 @@ class MLMTask:
 
     def tokens_per_batch(self, batch: tuple[Tensor, Tensor]) -> int:
         return batch[0].numel()
+
+    def describe(self) -> str:
+        return (f"{len(self.sampler.ids):,} training characters, {len(self.val):,} validation windows of "
+                f"{self.seq_len}, vocabulary {self.tok.vocab_size}")
 
     def epoch(self, step: int) -> float:
         return step / self.sampler.per_epoch

@@ -89,6 +89,39 @@ def write_config(path: Path, config: dict) -> None:
                                     "mlpmixer_version": __version__, **config})
 
 
+def environment(device, threads: int, world_size: int) -> dict:
+    """Where and with what a run trains: recorded in config.json beside the settings."""
+    import platform
+
+    import torch
+
+    return {"device": str(device), "threads": threads, "world_size": world_size, "torch": torch.__version__,
+            "mlpmixer": __version__, "python": platform.python_version(), "git_commit": git_commit()}
+
+
+def git_commit() -> str | None:
+    """The commit of the checkout this package runs from, or None (an installed wheel, no git)."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+def best_metric(run: Path) -> float | None:
+    """The validation metric recorded in the run's ``model_best.safetensors`` (None if there is none)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(run / BEST_MODEL_FILE), "pt") as f:
+            return float((f.metadata() or {})["value"])
+    except (SafetensorError, OSError, ValueError, KeyError):
+        return None
+
+
 # --- lock -------------------------------------------------------------------------------------------------
 
 class RunLock:

@@ -67,6 +67,8 @@ class TrainConfig:
     """Split each batch into this many sequential micro-batches (same result, less memory)."""
     compile: bool = False
     """Compile the model with torch.compile."""
+    threads: int = 0
+    """CPU threads for PyTorch's intra-op work; 0: chosen at the start (see choose_threads) and printed."""
 
     def __post_init__(self) -> None:
         check_numbers(self)
@@ -78,6 +80,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0 = automatic), got {self.threads}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.precision not in PRECISIONS:
@@ -118,8 +122,14 @@ class Task(Protocol):
     def tokens_per_batch(self, batch: Any) -> int:
         """Throughput unit of a batch (tokens or images)."""
 
+    def describe(self) -> str:
+        """The data in a few words, for the start-of-run summary (e.g. "4.3 M training characters")."""
+
     def epoch(self, step: int) -> float:
         """Epochs done at ``step``."""
+
+    best_metric: tuple[str, bool]
+    """The validation metric that picks ``model_best.safetensors``, and whether higher is better."""
 
 
 def shard_sums(batches: Iterable, rank: int, world: int, measure: Callable[[int, Any], tuple]) -> dict[str, float]:
@@ -218,22 +228,78 @@ def fit(model: nn.Module, task: Task, config: TrainConfig, out_dir: str | os.Pat
         raise ValueError(f"--batch-size {config.batch_size} is not divisible by world size {ctx.world} x "
                          f"--grad-accum {config.grad_accum}; choose a multiple of {ctx.world * config.grad_accum}")
     out = Path(out_dir)
+    threads, why = choose_threads(config.threads, model, ctx)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _fit(model, task, config, out, ctx, d_model=d_model, run_config=run_config, resume=resume,
+                    save_extra=save_extra, quiet=quiet, tensorboard=tensorboard, threads=(threads, why))
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+SMALL_MODEL = 1_000_000
+"""Parameters; below it one CPU thread trains fastest (measured in docs/vision.md)."""
+
+
+def choose_threads(requested: int, model: nn.Module, ctx: distributed.Dist) -> tuple[int, str]:
+    """The intra-op thread count and why: as requested; one per rank under torchrun on the CPU; one for
+    a model under `SMALL_MODEL` parameters; else the cores that the 1-minute load average leaves idle
+    (at least one), since threads that wait for a busy core stall every step."""
+    cores = os.cpu_count() or 1
+    if requested:
+        return requested, "--threads"
+    if ctx.device.type != "cpu":
+        return torch.get_num_threads(), "CUDA run"
+    if ctx.world > 1:
+        return max(1, cores // ctx.world), f"{cores} cores shared by {ctx.world} ranks"
+    if sum(p.numel() for p in model.parameters()) < SMALL_MODEL:
+        return 1, "a small model"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    idle = max(1, min(cores, cores - round(load)))
+    return idle, f"{cores} cores, load average {load:.1f}"
+
+
+def _fit(model: nn.Module, task: Task, config: TrainConfig, out: Path, ctx: distributed.Dist, *, d_model: int,
+         run_config: dict, resume: bool, save_extra, quiet: bool, tensorboard: bool,
+         threads: tuple[int, str]) -> dict[str, float]:
     model.to(ctx.device)
     opt, sched = make_optimizer(model, config, d_model)
     start = checkpoints.load_trainer_state(out, model, opt, sched) if resume else 0
     if resume and ctx.is_main and checkpoints.checkpoint_step(out) != start:
         checkpoints.save_weights(model, out / checkpoints.MODEL_FILE, step=start)  # repair a missing or cut model file
     loop = _Loop(model, task, config, ctx, opt, sched, out, quiet, tensorboard)  # validates before any write
-    if ctx.is_main and not resume:
-        out.mkdir(parents=True, exist_ok=True)
-        runs.write_config(out, {**run_config, "train": dataclasses.asdict(config)})
-        if save_extra:
-            save_extra(out)
+    environment = runs.environment(ctx.device, threads[0], ctx.world)
+    if ctx.is_main:
+        if not resume:
+            out.mkdir(parents=True, exist_ok=True)
+            runs.write_config(out, {**run_config, "train": dataclasses.asdict(config), "environment": environment})
+            if save_extra:
+                save_extra(out)
+        print(summary(model, task, config, out, environment, threads[1], start, resume), file=sys.stderr)
+        if config.warmup >= config.steps and not resume:
+            print(f"mlpmixer: warning: --warmup {config.warmup} is not shorter than the run (--steps "
+                  f"{config.steps}): the learning rate never leaves warm-up; use e.g. --warmup "
+                  f"{max(1, config.steps // 10)}", file=sys.stderr)
     try:
         with _StopFlag() as stop:
             return loop.run(start, stop)
     finally:
         loop.close()
+
+
+def summary(model: nn.Module, task: Task, config: TrainConfig, out: Path, environment: dict, why: str, start: int,
+            resume: bool) -> str:
+    """The start-of-run lines: what is trained, on what, where, how long."""
+    parameters = sum(p.numel() for p in model.parameters())
+    epochs = task.epoch(config.steps)
+    return "\n".join([
+        f"{'resuming' if resume else 'training'} {task.name}: {parameters:,} parameters, {task.describe()}",
+        f"  steps {start:,} -> {config.steps:,} ({epochs:.2f} epochs), batch {config.batch_size} (global), "
+        f"{config.optimizer} lr {config.lr:g}, warm-up {config.warmup}",
+        f"  device {environment['device']}, {environment['threads']} thread(s) ({why}), world size "
+        f"{environment['world_size']}, precision {config.precision}",
+        f"  run folder {out}"])
 
 
 class _Loop:
@@ -251,14 +317,16 @@ class _Loop:
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16")
         self.quiet = quiet or not ctx.is_main
         self.writer = _tensorboard_writer(out) if tensorboard and ctx.is_main else None
-        self.log, self.bar, self.lr = None, None, 0.0
+        self.log, self.bar, self.lr, self.rate = None, None, 0.0, ""
 
     def run(self, start: int, stop: _StopFlag) -> dict[str, float]:
         config, ctx, task = self.config, self.ctx, self.task
         if ctx.is_main:
             self.log = runs.MetricsLog(self.out / checkpoints.METRICS_FILE, truncate_after=start)
         generator = torch.Generator(device=ctx.device)
-        self.bar = tqdm(total=config.steps, initial=start, disable=self.quiet, dynamic_ncols=True, desc=task.name)
+        self.bar = tqdm(total=config.steps, initial=start, disable=self.quiet, dynamic_ncols=True, desc=self.desc(start))
+        self.best = runs.best_metric(self.out) if ctx.is_main else None
+        running = None
         self.t0 = time.perf_counter()
         window = _Window(self.t0)
         last_val: dict[str, float] = {}
@@ -270,8 +338,13 @@ class _Loop:
             totals = self.train_step(batch, generator, step)
             window.add(totals, task.tokens_per_batch(batch))
             done = step + 1
+            loss = totals["loss"] / max(totals["count"], 1.0)
+            running = loss if running is None else 0.95 * running + 0.05 * loss  # the bar's running mean
             if done % config.log_every == 0 or done == config.steps:
                 self.write(window.row(done, task.epoch(done), self.lr, self.t0))
+            if not self.quiet:
+                self.bar.set_postfix_str(f"loss {running:.3f}{self.rate}", refresh=False)
+                self.bar.set_description_str(self.desc(done), refresh=False)
             self.bar.update(1)
             if done % config.eval_every == 0 or done == config.steps:
                 last_val = self.validate(done)
@@ -320,8 +393,17 @@ class _Loop:
         self.opt.zero_grad(set_to_none=True)
         return totals
 
+    def desc(self, step: int) -> str:
+        """``mlm`` for the text tasks; ``vision epoch 3/30`` where an epoch is the unit users count in."""
+        if self.task.name != "vision":
+            return self.task.name
+        return f"vision epoch {min(int(self.task.epoch(step)) + 1, math.ceil(self.task.epoch(self.config.steps)))}" \
+               f"/{math.ceil(self.task.epoch(self.config.steps))}"
+
     def validate(self, step: int) -> dict[str, float]:
         task, ctx = self.task, self.ctx
+        if not self.quiet:
+            self.bar.set_description_str(f"{task.name} validating")
         self.model.eval()
         with torch.no_grad(), self.autocast:
             if hasattr(task, "evaluate_sums"):  # each rank a shard of the validation set, summed
@@ -333,18 +415,34 @@ class _Loop:
         self.write({"step": step, "epoch": round(task.epoch(step), 4), **metrics,
                     "elapsed_s": time.perf_counter() - self.t0})
         if ctx.is_main:
-            self.bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            where = f"epoch {task.epoch(step):.0f}" if task.name == "vision" else f"step {step}"
+            self.bar.write(f"{where}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if sample:
                 self.bar.write(sample)
+            self.keep_best(step, metrics)
+        if not self.quiet:
+            self.bar.set_description_str(self.desc(step))
         return metrics
+
+    def keep_best(self, step: int, metrics: dict[str, float]) -> None:
+        """Save ``model_best.safetensors`` when the task's validation metric improves."""
+        key, higher = self.task.best_metric
+        value = metrics.get(key)
+        if value is None or not math.isfinite(value):
+            return
+        if self.best is None or (value > self.best if higher else value < self.best):
+            self.check_weights(step)
+            checkpoints.save_weights(self.model, self.out / runs.BEST_MODEL_FILE, step=step,
+                                     extra={"metric": key, "value": repr(value)})
+            self.best = value
 
     def write(self, row: dict) -> None:
         if not self.ctx.is_main:
             return
         self.log.write(row)
         if "loss" in row:
-            self.bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.3f}",
-                                 tok_s=f"{row['tokens_per_s']:.0f}")
+            unit = "img" if self.task.name == "vision" else "tok"
+            self.rate = f", acc {row['accuracy']:.3f}, {row['tokens_per_s']:,.0f} {unit}/s"
         if self.writer is not None:
             for key, value in row.items():
                 if key not in ("step", "epoch"):

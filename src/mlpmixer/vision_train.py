@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from contextlib import contextmanager
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,17 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import sys
-
 from . import checkpoints, runs
-from .data.images import ImageData, ImageSet, Preprocess, augment, load_digits, load_image_folder
+from .data.images import (ImageData, ImageSet, Preprocess, augment, background_of, load_digits,
+                          load_image_folder)
+from .errors import DataWarning
 from .official import checkpoint_grid, load_official_npz
 from .resize import resize_tokens
 from .train import TrainConfig, fit, resolve_device, shard_sums
 from .vision import MlpMixer, VisionConfig, read_vision_config
 
 DATASETS = ("digits",)
-SMALL_MODEL = 1_000_000  # parameters; below it one CPU thread trains fastest (measured in docs/vision.md)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,8 +59,6 @@ class VisionTrainConfig(TrainConfig):
     """Mixup: blend image pairs with λ ~ Beta(α, α) (0 = off)."""
     augment: bool = True
     """Random resized crops (and flips, except for digits) of the training images."""
-    threads: int = 0
-    """CPU threads; 0: one for models under 1M parameters (more only add synchronisation), else PyTorch's."""
     grad_checkpointing: bool = False
     """Recompute each block's activations in the backward pass: less memory, more time."""
 
@@ -70,14 +68,13 @@ class VisionTrainConfig(TrainConfig):
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.mixup_alpha < 0:
             raise ValueError(f"mixup_alpha must be >= 0, got {self.mixup_alpha}")
-        if self.threads < 0:
-            raise ValueError(f"threads must be >= 0 (0 = automatic), got {self.threads}")
 
 
 class VisionTask:
     """Image batches, smoothed (and mixed) cross-entropy, and validation top-1 for `train.fit`."""
 
     name = "vision"
+    best_metric = ("val_top1", True)
 
     def __init__(self, data: ImageData, preprocess: Preprocess, config: VisionTrainConfig, num_classes: int,
                  device: torch.device, eval_batch_size: int = 256):
@@ -138,6 +135,11 @@ class VisionTask:
     def tokens_per_batch(self, batch: tuple[Tensor, Tensor]) -> int:
         return len(batch[1])
 
+    def describe(self) -> str:
+        h, w = self.preprocess.img_size
+        return (f"{len(self.data.train):,} training and {len(self.data.val):,} validation images, "
+                f"{self.num_classes} classes, {h}x{w}x{self.preprocess.in_chans}")
+
     def epoch(self, step: int) -> float:
         return step / self.per_epoch
 
@@ -167,7 +169,7 @@ def train_vision(model: str = "mixer_tiny_digits", train: VisionTrainConfig | No
                  out: str | os.PathLike = "runs/vision", *, dataset: str = "digits",
                  data_dir: str | os.PathLike | None = None, img_size: int | None = None, epochs: float | None = None,
                  init: str | os.PathLike | None = None, model_overrides: dict | None = None, overwrite: bool = False,
-                 quiet: bool = False) -> dict[str, float]:
+                 quiet: bool = False, tensorboard: bool = False) -> dict[str, float]:
     """Train the preset ``model`` on digits or an ImageFolder tree; returns the last validation metrics.
 
     ``epochs`` sets the steps and validates (and checkpoints) after every epoch. ``init`` is an
@@ -184,7 +186,10 @@ def train_vision(model: str = "mixer_tiny_digits", train: VisionTrainConfig | No
         overrides["img_size"] = img_size
     torch.manual_seed(train.seed)
     net = initial_model(target_config(model, overrides, init), init)
-    preprocess = Preprocess(net.config.image_hw, net.config.in_chans, crop_pct=data.crop_pct)
+    sample = data.train.load(torch.arange(min(len(data.train), 256)), Preprocess(net.config.image_hw,
+                             net.config.in_chans, crop_pct=data.crop_pct), net.config.image_hw, data.crop_pct)
+    preprocess = Preprocess(net.config.image_hw, net.config.in_chans, crop_pct=data.crop_pct,
+                            background=background_of(sample))
     if epochs is not None:
         if epochs <= 0:
             raise ValueError(f"--epochs must be positive, got {epochs}")
@@ -196,11 +201,13 @@ def train_vision(model: str = "mixer_tiny_digits", train: VisionTrainConfig | No
                   "data": {**data.source, "fingerprint": data.fingerprint()}, "class_names": classes,
                   "preprocess": preprocess.to_dict(), "init": str(init) if init else None}
     with runs.new_run(out, overwrite):
-        return _fit_vision(net, data, preprocess, train, out, run_config, resume=False, quiet=quiet)
+        return _fit_vision(net, data, preprocess, train, out, run_config, resume=False, quiet=quiet,
+                           tensorboard=tensorboard)
 
 
 def resume_vision(out: str | os.PathLike, *, changes: dict | None = None, quiet: bool = False,
-                  data_dir: str | os.PathLike | None = None, allow_changed_data: bool = False) -> dict[str, float]:
+                  data_dir: str | os.PathLike | None = None, allow_changed_data: bool = False,
+                  tensorboard: bool = False) -> dict[str, float]:
     """Continue the vision run in ``out`` from its last checkpoint (optionally to a new step count).
 
     The images are read from the folder saved with the run (absolute), or from ``data_dir`` when they
@@ -222,33 +229,22 @@ def resume_vision(out: str | os.PathLike, *, changes: dict | None = None, quiet:
                                repr(str(folder)) if folder else "digits", allow_changed_data)
         if data_dir is not None:
             runs.write_config(out, {**saved, "data": {**data.source, "fingerprint": data.fingerprint()}})
-        preprocess = Preprocess(net.config.image_hw, net.config.in_chans, crop_pct=data.crop_pct)
-        return _fit_vision(net, data, preprocess, train, out, saved, resume=True, quiet=quiet)
+        preprocess = Preprocess(**saved["preprocess"]) if isinstance(saved.get("preprocess"), dict) else \
+            Preprocess(net.config.image_hw, net.config.in_chans, crop_pct=data.crop_pct)
+        return _fit_vision(net, data, preprocess, train, out, saved, resume=True, quiet=quiet,
+                           tensorboard=tensorboard)
 
 
 def _fit_vision(net: MlpMixer, data: ImageData, preprocess: Preprocess, train: VisionTrainConfig, out: Path,
-                run_config: dict, *, resume: bool, quiet: bool) -> dict[str, float]:
+                run_config: dict, *, resume: bool, quiet: bool, tensorboard: bool = False) -> dict[str, float]:
     if hasattr(net, "set_grad_checkpointing"):
         net.set_grad_checkpointing(train.grad_checkpointing)
     elif train.grad_checkpointing:
         raise ValueError("--grad-checkpointing is not available for this model")
     task = VisionTask(data, preprocess, train, len(run_config["class_names"]),
                       resolve_device(train.device))
-    with cpu_threads(train.threads, net):
-        return fit(net, task, train, out, d_model=net.config.hidden_dim, run_config=run_config, resume=resume,
-                   quiet=quiet)
-
-
-@contextmanager
-def cpu_threads(threads: int, model: nn.Module):
-    """Run with ``threads`` intra-op CPU threads (0: one for a small model, else unchanged), then restore."""
-    previous = torch.get_num_threads()
-    small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL
-    torch.set_num_threads(threads or (1 if small else previous))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+    return fit(net, task, train, out, d_model=net.config.hidden_dim, run_config=run_config, resume=resume,
+               quiet=quiet, tensorboard=tensorboard)
 
 
 def target_config(name: str, overrides: dict, init: str | os.PathLike | None) -> VisionConfig:
@@ -295,7 +291,11 @@ def predict(run_dir: str | os.PathLike, images: list[str | os.PathLike], top_k: 
     names = saved.get("class_names") or [str(i) for i in range(model.config.num_classes)]
     pre = saved.get("preprocess") or {"img_size": model.config.image_hw, "in_chans": model.config.in_chans}
     preprocess = Preprocess(**pre)
-    x = torch.stack([preprocess.load(path) for path in images]).to(device)
+    x, inverted = preprocess.match_polarity(torch.stack([preprocess.load(path) for path in images]))
+    for path in (p for p, flip in zip(images, inverted.tolist()) if flip):
+        warnings.warn(DataWarning(f"{path}: its background is {'light' if preprocess.background == 'dark' else 'dark'}, "
+                                  f"the training images' {preprocess.background}; inverted it to match"), stacklevel=2)
+    x = x.to(device)
     with torch.no_grad():
         probs = model(preprocess.normalize(x)).float().softmax(-1)
     top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)

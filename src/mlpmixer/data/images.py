@@ -41,6 +41,8 @@ class Preprocess:
     """Per-channel divisor (the official Mixer's 0.5)."""
     crop_pct: float = 0.875
     """Evaluation: resize the shorter side to img_size / crop_pct, then take the centre crop."""
+    background: str | None = None
+    """"dark" or "light": the training images' border; a file of the other polarity is inverted on predict."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "img_size", tuple(self.img_size))
@@ -53,6 +55,16 @@ class Preprocess:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def match_polarity(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Images (B, C, H, W) in [0, 1] with the training images' polarity: those whose border is light
+        where the training images' was dark (black-on-white digits for a white-on-black model), or the
+        reverse, are inverted. Returns the images and which ones were inverted (B,)."""
+        if self.background is None:
+            return x, torch.zeros(len(x), dtype=torch.bool)
+        light = border_brightness(x) > 0.5
+        flip = light if self.background == "dark" else ~light
+        return torch.where(flip[:, None, None, None], 1.0 - x, x), flip
 
     def normalize(self, x: Tensor) -> Tensor:
         """(B, C, H, W) in [0, 1] -> the model's input scale."""
@@ -71,6 +83,18 @@ class Preprocess:
         left, top = (resized[0] - w) // 2, (resized[1] - h) // 2
         array = np.asarray(image.crop((left, top, left + w, top + h)), dtype=np.float32) / 255.0
         return torch.from_numpy(array).reshape(h, w, self.in_chans).permute(2, 0, 1)  # (H, W, C) -> (C, H, W)
+
+
+def border_brightness(x: Tensor) -> Tensor:
+    """Mean of each image's outermost ring of pixels: (B, C, H, W) in [0, 1] -> (B,)."""
+    ring = torch.ones(x.shape[-2:], dtype=torch.bool)
+    ring[1:-1, 1:-1] = False
+    return x[..., ring].mean(dim=(-1, -2))
+
+
+def background_of(images: Tensor) -> str:
+    """"dark" or "light": the majority border of a sample of training images (B, C, H, W) in [0, 1]."""
+    return "light" if border_brightness(images).median() > 0.5 else "dark"
 
 
 def open_image(path: str | os.PathLike):
