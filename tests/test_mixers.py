@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from mlpmixer import EncoderConfig, MaskedLanguageModel, load, swap_attention
-from mlpmixer.api import TextSource, resume_text, train_text
+from mlpmixer.text_train import TextSource, resume_text, train_text
 from mlpmixer.attention import MixingAsAttention
 from mlpmixer.cli import main
 from mlpmixer.encoder import TOKEN_MIXERS, Encoder

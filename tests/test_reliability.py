@@ -23,7 +23,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import mlpmixer
-from mlpmixer import checkpoints, mlm
+from mlpmixer import checkpoints, text, text_train
 from mlpmixer.cli import main
 from mlpmixer.errors import DataWarning
 from mlpmixer.layers import TokenMixingMlp
@@ -291,7 +291,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_saves(trained_run, sonnet
 
 
 def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(sonnet_file, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(mlm, "mlm_loss", lambda logits, labels: (logits.sum() * float("nan"), 0, 1))
+    monkeypatch.setattr(text_train, "mlm_loss", lambda logits, labels: (logits.sum() * float("nan"), 0, 1))
     out = tmp_path / "run"
     assert train_mlm(sonnet_file, out) == 1
     one_line(capsys, "the loss became nan at step 1")
@@ -394,7 +394,7 @@ def test_a_legacy_checkpoint_cut_between_its_two_files_is_refused_on_resume(trai
 
 
 def test_ctrl_c_checkpoints_and_exits_130(sonnet_file, tmp_path, monkeypatch, capsys):
-    real, calls = mlm.mlm_loss, []
+    real, calls = text_train.mlm_loss, []
 
     def interrupted_at_step_3(logits, labels):
         calls.append(1)
@@ -402,7 +402,7 @@ def test_ctrl_c_checkpoints_and_exits_130(sonnet_file, tmp_path, monkeypatch, ca
             os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during step 3
         return real(logits, labels)
 
-    monkeypatch.setattr(mlm, "mlm_loss", interrupted_at_step_3)
+    monkeypatch.setattr(text_train, "mlm_loss", interrupted_at_step_3)
     out = tmp_path / "run"
     assert train_mlm(sonnet_file, out) == 130
     err = capsys.readouterr().err
@@ -417,7 +417,7 @@ def test_unexpected_errors_are_status_1_and_debug_shows_the_traceback(trained_ru
     def broken(*args, **kwargs):
         raise TypeError("something internal")
 
-    monkeypatch.setattr(mlm, "fill_mask", broken)
+    monkeypatch.setattr(text, "fill_mask", broken)
     assert main(["fill", str(trained_run), "a_"]) == 1
     one_line(capsys, "unexpected TypeError: something internal (rerun with --debug for the traceback)")
     assert main(["--debug", "fill", str(trained_run), "a_"]) == 1

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mlpmixer import MaskedLanguageModel, load
-from mlpmixer.api import TextSource, resume_mlm, train_mlm
+from mlpmixer.text_train import TextSource, resume_mlm, train_mlm
 from mlpmixer.mlm import SAMPLE_PROMPTS
 from mlpmixer.train import TrainConfig, make_optimizer
 
@@ -128,9 +128,9 @@ def test_fit_writes_metrics_and_returns_eval_mode_validation(sonnet_file, tmp_pa
     ids = tok.encode(sonnet_file.read_text(encoding="utf-8"))
     train_ids, val_ids = split_train_val(ids)
     task = MLMTask(train_ids, val_ids, tok, 16, 8, 0, torch.device("cpu"))
-    assert task.evaluate(model.eval()) == pytest.approx(metrics, rel=1e-6)
+    assert task.summarise(task.evaluate_sums(model.eval())) == pytest.approx(metrics, rel=1e-6)
     model.train()
-    assert task.evaluate(model) != pytest.approx(metrics, rel=1e-6), "dropout 0.2 would change the figures"
+    assert task.summarise(task.evaluate_sums(model)) != pytest.approx(metrics, rel=1e-6), "dropout 0.2 would change the figures"
 
 
 def test_resume_repeats_an_uninterrupted_run(sonnet_file, tmp_path):
@@ -178,8 +178,11 @@ class NaNTask:
         y = model(torch.ones(2, 4)).mean()
         return (y * float("nan") if batch == 2 else y), {"correct": torch.tensor(0), "count": torch.tensor(1)}
 
-    def evaluate(self, model):
-        return {"val_loss": 0.0}
+    def evaluate_sums(self, model, rank, world):
+        return {"loss": 0.0, "correct": 0.0, "count": 1.0}
+
+    def summarise(self, sums):
+        return {"val_loss": sums["loss"] / sums["count"]}
 
     def report(self, model, step):
         return None

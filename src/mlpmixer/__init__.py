@@ -6,8 +6,10 @@ from .attention import SelfAttention, swap_attention
 from .encoder import Encoder, EncoderConfig
 from .layers import MixerBlock, Mlp, PatchEmbed, TokenMixer, TokenMixingMlp
 from .mixers import FourierMixing, GatedMlpMixer, SpatialGatingUnit
-from .mlm import MaskedLanguageModel, MLMConfig, fill_mask, mask_tokens
-from .api import load, train_mlm
+from .text import (CausalLanguageModel, LanguageModel, LMConfig, MaskedLanguageModel, MLMConfig, TextConfig,
+                   fill_mask, generate, mask_tokens)
+from .text_train import train_mlm, train_text
+from .hub import evaluate, load
 from .data.tokenizer import CharTokenizer
 from .vision import MlpMixer, VisionConfig, create_model, list_models
 from .official import load_official_npz
@@ -17,6 +19,7 @@ __all__ = [
     "CharTokenizer", "Encoder", "EncoderConfig", "MLMConfig", "MaskedLanguageModel", "MixerBlock", "Mlp",
     "PatchEmbed", "SelfAttention", "TokenMixer", "TokenMixingMlp", "fill_mask", "load", "mask_tokens",
     "swap_attention", "train_mlm",
+    "CausalLanguageModel", "LMConfig", "LanguageModel", "TextConfig", "evaluate", "generate", "train_text",
     "FourierMixing", "GatedMlpMixer", "SpatialGatingUnit",
     "MlpMixer", "VisionConfig", "create_model", "list_models", "load_official_npz", "resize_tokens",
 ]

@@ -171,7 +171,8 @@ def save_trainer_state(out: Path, model: nn.Module, opt, sched, step: int) -> No
     # weights, old state) still resumes exactly, from the state's step
     state = {"step": step, "model": weights, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
              "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-                     "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}}
+                     "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+                     "numpy_pos": int(np.random.get_state()[2])}}
     staged: list[tuple[str, Path]] = []
     try:
         staged.append((write_temp(out / MODEL_FILE, lambda tmp: save_file(weights, tmp, metadata={"step": str(step)})),
@@ -211,10 +212,19 @@ def load_trainer_state(out: Path, model: nn.Module, opt, sched) -> int:
     try:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
+        restore_rng(state["rng"])
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"{out / STATE_FILE} does not fit this run's optimiser ({e})") from None
     return int(state["step"])
+
+
+def restore_rng(rng: dict) -> None:
+    """Restore the torch, Python and NumPy generators saved by `save_trainer_state` (those present)."""
+    torch.set_rng_state(rng["torch"])
+    if "python" in rng:
+        random.setstate((3, tuple(int(x) for x in rng["python"]), None))
+    if "numpy" in rng:
+        np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), int(rng.get("numpy_pos", 624)), 0, 0.0))
 
 
 def read_trainer_state(out: Path) -> dict:

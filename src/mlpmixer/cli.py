@@ -186,6 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--out", default=None, help="study directory (default: runs/study-TASK)")
     study.set_defaults(handler=cmd_study)
 
+    evaluate = commands.add_parser("evaluate", help="a trained run's validation metrics, on its own or new data",
+                                   description="Evaluate a trained run: without data on its own validation split "
+                                   "(repeating its last validation numbers), with --text-file (text runs) on the whole "
+                                   "file, with --data-dir (vision runs) on DIR/val/<class>/* or DIR/<class>/*.")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (mlm, lm or vision)")
+    new_data = evaluate.add_mutually_exclusive_group()
+    new_data.add_argument("--text-file", metavar="PATH", help="UTF-8 text to evaluate a text run on")
+    new_data.add_argument("--data-dir", metavar="DIR", help="labelled images to evaluate a vision run on")
+    evaluate.add_argument("--max-val-windows", type=int, default=None, help="evaluate on at most this many windows")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    evaluate.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    evaluate.set_defaults(handler=cmd_evaluate)
+
     plot = commands.add_parser("plot", help="plot loss and accuracy curves of one or more runs to a PNG")
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     plot.add_argument("-o", "--output", default=None, help="PNG file to write (default: curves.png in the first "
@@ -198,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_text_train_parser(train, task: str, summary: str, description: str) -> None:
-    from .api import text_tasks
+    from .text import config_class
     from .train import TrainConfig
 
     parser = train.add_parser(task, help=summary, description=description)
@@ -219,16 +232,17 @@ def add_text_train_parser(train, task: str, summary: str, description: str) -> N
     run.add_argument("--epochs", type=float, default=None, help="train for this many epochs instead of --steps")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events to RUN_DIR/tensorboard")
-    add_config_args(parser, text_tasks()[task].config, "model", skip=("causal",))
+    add_config_args(parser, config_class(task), "model", skip=("causal",))
     add_config_args(parser, TrainConfig, "training")
     parser.set_defaults(handler=cmd_train_text)
 
 
 def cmd_train_text(args: argparse.Namespace) -> int:
-    from .api import TextSource, resume_text, text_tasks, train_text
+    from .text import config_class
+    from .text_train import TextSource, resume_text, train_text
     from .train import TrainConfig
 
-    model_cls = text_tasks()[args.task].config
+    model_cls = config_class(args.task)
     if args.resume:
         if args.corpus is not None:
             raise UsageError("--corpus cannot change on --resume: the run continues on its own text (give "
@@ -262,10 +276,10 @@ def finished(task: str, metrics: dict[str, float], run: str) -> None:
 
 
 def cmd_fill(args: argparse.Namespace) -> int:
-    from .api import load
-    from .mlm import fill_mask
+    from .hub import load
+    from .text import fill_mask
 
-    model, tok = load(args.run_dir, device=checked_device(args.device))
+    model, tok = load(args.run_dir, device=checked_device(args.device), task="mlm")
     result = fill_mask(model, tok, args.text, mask_char=args.mask_char, top_k=args.top_k)
     print(result.text)
     for position, candidates in result.candidates:
@@ -274,8 +288,8 @@ def cmd_fill(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .api import load
-    from .lm import generate
+    from .hub import load
+    from .text import generate
 
     if args.max_new_chars < 0:
         raise ValueError(f"--max-new-chars must be >= 0, got {args.max_new_chars}")
@@ -296,8 +310,24 @@ def checked_device(name: str) -> str:
     return str(resolve_device(name))
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from .hub import evaluate
+
+    if args.max_val_windows is not None and args.max_val_windows <= 0:
+        raise UsageError(f"--max-val-windows must be positive, got {args.max_val_windows}")
+    metrics = evaluate(args.run_dir, text_file=args.text_file, data_dir=args.data_dir,
+                       max_val_windows=args.max_val_windows, device=checked_device(args.device))
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print("\n".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
+    return 0
+
+
 def cmd_study(args: argparse.Namespace) -> int:
-    from .api import TextSource
+    from .text_train import TextSource
     from .study import run_study
 
     md, png = run_study(args.task, args.out or f"runs/study-{args.task}", steps=args.steps, seeds=args.seeds,

@@ -91,14 +91,3 @@ def shard(batch: Any, index: int, parts: int) -> Any:
     if isinstance(batch, dict):
         return {k: shard(v, index, parts) for k, v in batch.items()}
     return batch
-
-
-def batch_len(batch: Any) -> int:
-    """Rows in a batch (its first tensor's first axis)."""
-    if isinstance(batch, Tensor):
-        return batch.shape[0]
-    if isinstance(batch, (tuple, list)):
-        return batch_len(batch[0])
-    if isinstance(batch, dict):
-        return batch_len(next(iter(batch.values())))
-    raise TypeError(f"cannot size a batch of type {type(batch).__name__}")

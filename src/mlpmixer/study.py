@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import runs
-from .api import TextSource, resume_text, text_config, train_text
+from .text_train import TextSource, resume_text, text_config, train_text
 from .checkpoints import atomic_write, write_json
 from .encoder import TOKEN_MIXERS
 from .errors import UsageError, unknown_choice

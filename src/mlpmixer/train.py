@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import checkpoints, distributed, runs
+from .data.windows import step_seed
 from .distributed import resolve_device  # noqa: F401  (re-exported for callers)
 
 OPTIMIZERS = ("noam", "adamw")
@@ -103,18 +104,24 @@ def check_numbers(config) -> None:
 
 
 class Task(Protocol):
-    """What the loop needs to know about a task."""
+    """Exactly what `fit` calls on a task (`text_train.MLMTask`, `text_train.LMTask`, `vision_train.VisionTask`)."""
 
     name: str
+    """The task's name: mlm, lm, vision."""
+    best_metric: tuple[str, bool]
+    """The validation metric that picks ``model_best.safetensors``, and whether higher is better."""
 
     def batch(self, step: int, generator: torch.Generator) -> Any:
-        """The training batch of ``step``."""
+        """The whole global training batch of ``step`` (each rank then takes its shard)."""
 
     def loss(self, model: nn.Module, batch: Any, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         """Mean loss and summed counts (``correct``, ``count``) for accuracy."""
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Validation metrics (``val_loss``, ...) with the model in eval mode."""
+    def evaluate_sums(self, model: nn.Module, rank: int, world: int) -> dict[str, float]:
+        """Validation sums (``loss``·count, ``correct``, ``count``, ...) over this rank's share (`shard_sums`)."""
+
+    def summarise(self, sums: dict[str, float]) -> dict[str, float]:
+        """Validation metrics (``val_loss``, ...) from the sums of every rank."""
 
     def report(self, model: nn.Module, step: int) -> str | None:
         """A human-readable sample (e.g. fills of fixed prompts), or None."""
@@ -122,30 +129,69 @@ class Task(Protocol):
     def tokens_per_batch(self, batch: Any) -> int:
         """Throughput unit of a batch (tokens or images)."""
 
-    def describe(self) -> str:
-        """The data in a few words, for the start-of-run summary (e.g. "4.3 M training characters")."""
-
     def epoch(self, step: int) -> float:
         """Epochs done at ``step``."""
 
-    best_metric: tuple[str, bool]
-    """The validation metric that picks ``model_best.safetensors``, and whether higher is better."""
+    def describe(self) -> str:
+        """The data in a few words, for the start-of-run summary."""
+
+
+def evaluate(task: Task, model: nn.Module) -> dict[str, float]:
+    """Validation metrics of ``model`` in one process (eval mode, no gradients)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        metrics = task.summarise(task.evaluate_sums(model, 0, 1))
+    model.train(was_training)
+    return metrics
 
 
 def shard_sums(batches: Iterable, rank: int, world: int, measure: Callable[[int, Any], tuple]) -> dict[str, float]:
     """Validation sums over this rank's share of ``batches`` (every ``world``-th from ``rank``).
 
-    ``measure(i, batch)`` returns (mean loss, correct, count); the sums are loss·count, correct and
-    count, which `distributed.all_reduce_sum` then adds over the ranks.
+    ``measure(i, batch)`` returns (mean loss, correct, count[, correct_top5]); the sums are loss·count
+    and the counts, which `distributed.all_reduce_sum` then adds over the ranks.
     """
+    names = ("correct", "count", "correct5")
     sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
     for i, batch in enumerate(batches):
         if i % world == rank:
-            loss, correct, count = measure(i, batch)
-            sums["loss"] += float(loss.detach() if isinstance(loss, Tensor) else loss) * int(count)
-            sums["correct"] += int(correct)
-            sums["count"] += int(count)
+            loss, *counts = measure(i, batch)
+            sums["loss"] += float(loss.detach() if isinstance(loss, Tensor) else loss) * int(counts[1])
+            for name, value in zip(names, counts):
+                sums[name] = sums.get(name, 0.0) + int(value)
     return sums
+
+
+def steps_for_epochs(config: TrainConfig, epochs: float, per_epoch: int) -> TrainConfig:
+    """``config`` with ``steps`` set to ``epochs`` epochs of ``per_epoch`` steps (at least one)."""
+    if not math.isfinite(epochs) or epochs <= 0:
+        raise ValueError(f"--epochs must be a positive number, got {epochs}")
+    return dataclasses.replace(config, steps=max(1, round(epochs * max(per_epoch, 1))))
+
+
+RESUMABLE_CHANGES = ("steps", "eval_every", "log_every", "ckpt_every", "device", "threads")
+
+
+def resumed_configs(out: Path, task: str, changes: dict, train_cls: type = TrainConfig) -> tuple[dict, TrainConfig]:
+    """The saved run config and its TrainConfig with the allowed ``changes`` applied.
+
+    Changing anything else (the model's shape, the optimiser, the seed, ...) would not continue the
+    same run, so it is one error listing every differing field.
+    """
+    saved = runs.read_run_config(out, task)
+    if "train" not in saved:
+        raise checkpoints.CheckpointError(f"{out / checkpoints.CONFIG_FILE} lacks the model or train settings; "
+                                          f"it cannot be resumed")
+    current = {**saved["model"], **saved["train"]}
+    differing = [f"{k} {current[k]!r} -> {v!r}" for k, v in changes.items()
+                 if k not in RESUMABLE_CHANGES and k in current and current[k] != v]
+    if differing:
+        raise ValueError(f"cannot resume {out} with a different configuration ({'; '.join(differing)}); only "
+                         f"{', '.join(RESUMABLE_CHANGES)} may change on resume; start a new run with --out instead")
+    allowed = {k: v for k, v in changes.items() if k in RESUMABLE_CHANGES}
+    train = runs.build_config(train_cls, {**saved["train"], **allowed}, out / checkpoints.CONFIG_FILE, "training")
+    return saved, train
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, d_model: int):
@@ -328,12 +374,12 @@ class _Loop:
         self.best = runs.best_metric(self.out) if ctx.is_main else None
         running = None
         self.t0 = time.perf_counter()
-        window = _Window(self.t0)
+        window = _TrainingSums(self.t0)
         last_val: dict[str, float] = {}
         self.model.train()
         for step in range(start, config.steps):
-            generator.manual_seed(config.seed * 1_000_003 + step)
-            torch.manual_seed(config.seed * 1_000_003 + step + 7919 * ctx.rank)  # dropout: one stream per rank
+            generator.manual_seed(step_seed(config.seed, step))
+            torch.manual_seed(step_seed(config.seed, step) + 7919 * ctx.rank)  # dropout: one stream per rank
             batch = task.batch(step, generator)
             totals = self.train_step(batch, generator, step)
             window.add(totals, task.tokens_per_batch(batch))
@@ -405,11 +451,8 @@ class _Loop:
         if not self.quiet:
             self.bar.set_description_str(f"{task.name} validating")
         self.model.eval()
-        with torch.no_grad(), self.autocast:
-            if hasattr(task, "evaluate_sums"):  # each rank a shard of the validation set, summed
-                metrics = task.summarise(distributed.all_reduce_sum(task.evaluate_sums(self.model, ctx.rank, ctx.world), ctx))
-            else:
-                metrics = task.evaluate(self.model)
+        with torch.no_grad(), self.autocast:  # each rank a shard of the validation set, summed
+            metrics = task.summarise(distributed.all_reduce_sum(task.evaluate_sums(self.model, ctx.rank, ctx.world), ctx))
             sample = task.report(self.model, step) if ctx.is_main else None
         self.model.train()
         self.write({"step": step, "epoch": round(task.epoch(step), 4), **metrics,
@@ -473,7 +516,7 @@ class _Loop:
         distributed.teardown(self.ctx)
 
 
-class _Window:
+class _TrainingSums:
     """Sums between two training rows of metrics.jsonl."""
 
     def __init__(self, t: float):

@@ -20,12 +20,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import checkpoints, runs
-from .data.images import (ImageData, ImageSet, Preprocess, augment, background_of, load_digits,
+from .data.images import (ImageData, Preprocess, augment, background_of, load_digits,
                           load_image_folder)
 from .errors import DataWarning
 from .official import checkpoint_grid, load_official_npz
 from .resize import resize_tokens
-from .train import TrainConfig, fit, resolve_device, shard_sums
+from .data.windows import step_seed
+from .train import TrainConfig, fit, resolve_device, resumed_configs, shard_sums, steps_for_epochs
 from .vision import MlpMixer, VisionConfig, read_vision_config
 
 DATASETS = ("digits",)
@@ -88,10 +89,19 @@ class VisionTask:
         self.train_size = tuple(side) if config.augment else preprocess.img_size
         self._epoch, self._order = -1, None
 
+    @classmethod
+    def for_evaluation(cls, data: ImageData, preprocess: Preprocess, num_classes: int, device: torch.device,
+                       eval_batch_size: int = 256) -> "VisionTask":
+        """A task that only validates (`evaluate_sums`, `summarise`): no training schedule needed."""
+        task = cls.__new__(cls)
+        task.data, task.preprocess, task.device = data, preprocess, device
+        task.num_classes, task.eval_batch_size = num_classes, eval_batch_size
+        return task
+
     def batch(self, step: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         epoch, index = divmod(step, self.per_epoch)
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed(step_seed(self.config.seed, epoch))
             self._epoch, self._order = epoch, torch.randperm(len(self.data.train), generator=g)
         rows = self._order[index * self.config.batch_size:(index + 1) * self.config.batch_size]
         crop = 1.0 if self.config.augment else self.data.crop_pct
@@ -109,9 +119,6 @@ class VisionTask:
         loss = -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
         return loss, {"correct": (logits.argmax(-1) == y).sum(), "count": len(y)}
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        return self.summarise(self.evaluate_sums(model))
-
     def evaluate_sums(self, model: nn.Module, rank: int = 0, world: int = 1) -> dict[str, float]:
         """Summed loss and correct count over this rank's share of the validation batches."""
         val = self.data.val
@@ -120,14 +127,16 @@ class VisionTask:
             x = val.load(rows, self.preprocess, self.preprocess.img_size, self.data.crop_pct).to(self.device)
             y = val.labels[rows].to(self.device)
             logits = model(self.preprocess.normalize(x)).float()
-            return F.cross_entropy(logits, y), (logits.argmax(-1) == y).sum(), len(rows)
+            top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # (B, 5)
+            return (F.cross_entropy(logits, y), (logits.argmax(-1) == y).sum(), len(rows),
+                    (top5 == y[:, None]).any(-1).sum())
 
         return shard_sums(torch.arange(len(val)).split(self.eval_batch_size), rank, world, measure)
 
     @staticmethod
     def summarise(sums: dict[str, float]) -> dict[str, float]:
         n = max(sums["count"], 1.0)
-        return {"val_loss": sums["loss"] / n, "val_top1": sums["correct"] / n}
+        return {"val_loss": sums["loss"] / n, "val_top1": sums["correct"] / n, "val_top5": sums["correct5"] / n}
 
     def report(self, model: nn.Module, step: int) -> None:
         return None
@@ -191,10 +200,8 @@ def train_vision(model: str = "mixer_tiny_digits", train: VisionTrainConfig | No
     preprocess = Preprocess(net.config.image_hw, net.config.in_chans, crop_pct=data.crop_pct,
                             background=background_of(sample))
     if epochs is not None:
-        if epochs <= 0:
-            raise ValueError(f"--epochs must be positive, got {epochs}")
         per_epoch = max(len(data.train) // train.batch_size, 1)
-        train = dataclasses.replace(train, steps=max(1, round(epochs * per_epoch)), eval_every=per_epoch,
+        train = dataclasses.replace(steps_for_epochs(train, epochs, per_epoch), eval_every=per_epoch,
                                     ckpt_every=per_epoch, log_every=min(train.log_every, per_epoch))
     out = Path(out)
     run_config = {"task": "vision", "model": net.config.to_dict(),
@@ -213,8 +220,6 @@ def resume_vision(out: str | os.PathLike, *, changes: dict | None = None, quiet:
     The images are read from the folder saved with the run (absolute), or from ``data_dir`` when they
     moved; their fingerprint must match the saved one unless ``allow_changed_data``.
     """
-    from .api import resumed_configs
-
     out = Path(out)
     with runs.open_run(out):
         saved, train = resumed_configs(out, "vision", changes or {}, VisionTrainConfig)
@@ -237,10 +242,7 @@ def resume_vision(out: str | os.PathLike, *, changes: dict | None = None, quiet:
 
 def _fit_vision(net: MlpMixer, data: ImageData, preprocess: Preprocess, train: VisionTrainConfig, out: Path,
                 run_config: dict, *, resume: bool, quiet: bool, tensorboard: bool = False) -> dict[str, float]:
-    if hasattr(net, "set_grad_checkpointing"):
-        net.set_grad_checkpointing(train.grad_checkpointing)
-    elif train.grad_checkpointing:
-        raise ValueError("--grad-checkpointing is not available for this model")
+    net.set_grad_checkpointing(train.grad_checkpointing)
     task = VisionTask(data, preprocess, train, len(run_config["class_names"]),
                       resolve_device(train.device))
     return fit(net, task, train, out, d_model=net.config.hidden_dim, run_config=run_config, resume=resume,

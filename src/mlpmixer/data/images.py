@@ -253,6 +253,19 @@ def load_image_folder(root: str | os.PathLike, in_chans: int = 3) -> ImageData:
                              "skipped_images": skipped_train + skipped_val})
 
 
+def load_split(directory: str | os.PathLike, class_names: list[str], in_chans: int = 3,
+               crop_pct: float = 0.875) -> ImageData:
+    """Labelled images to evaluate on: ``DIR/val/<class>/*`` if there is a val/ folder, else ``DIR/<class>/*``,
+    with the classes of a trained model (``class_names``); folders of other classes are an error."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise DataError(f"--data-dir {str(root)!r} does not exist or is not a directory; expected "
+                        f"{root}/val/<class>/*.png or {root}/<class>/*.png")
+    split, _ = _folder_split(root / "val" if (root / "val").is_dir() else root, class_names, every_class=False)
+    return ImageData(split, split, in_chans=in_chans, augment=Augment(), crop_pct=crop_pct,
+                     source={"dataset": "folder", "data_dir": str(root.resolve())})
+
+
 def _listdir(directory: Path) -> list[Path]:
     try:
         return sorted(directory.iterdir())

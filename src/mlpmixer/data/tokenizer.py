@@ -11,6 +11,8 @@ import torch
 from torch import Tensor
 
 PAD, MASK = "[PAD]", "[MASK]"
+SPECIAL_TOKENS = 2
+"""[PAD] and [MASK] are ids 0 and 1; ordinary characters start at this id."""
 VOCAB_FILE = "vocab.json"
 
 
@@ -45,14 +47,14 @@ class CharTokenizer:
         return torch.tensor([self.stoi[c] for c in text], dtype=torch.long)
 
     def decode(self, ids) -> str:
-        return "".join(self.itos[int(i)] if int(i) >= 2 else "" for i in ids)
+        return "".join(self.itos[int(i)] if int(i) >= SPECIAL_TOKENS else "" for i in ids)
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write ``vocab.json`` atomically (a temporary file renamed into place)."""
         path = Path(directory) / VOCAB_FILE
         fd, tmp = tempfile.mkstemp(prefix=f".{VOCAB_FILE}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"itos": self.itos[2:]}, f, ensure_ascii=False)
+            json.dump({"itos": self.itos[SPECIAL_TOKENS:]}, f, ensure_ascii=False)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
 

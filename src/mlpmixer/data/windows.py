@@ -10,6 +10,12 @@ import torch
 from torch import Tensor
 
 
+def step_seed(seed: int, step: int) -> int:
+    """The seed of everything random in step (or epoch) ``step`` of a run seeded ``seed``: a resumed run
+    draws exactly what an uninterrupted one would."""
+    return seed * 1_000_003 + step
+
+
 def split_train_val(ids: Tensor, val_fraction: float = 0.1) -> tuple[Tensor, Tensor]:
     """Deterministic split: the last ``val_fraction`` of the stream is validation."""
     cut = int(len(ids) * (1.0 - val_fraction))
@@ -40,14 +46,11 @@ class WindowSampler:
                              f"{batch_size} windows of {seq_len + extra}; use a smaller --batch-size or --seq-len")
         self._epoch, self._order, self._windows = -1, None, None
 
-    def epoch_of(self, step: int) -> int:
-        return step // self.per_epoch
-
     def batch(self, step: int) -> Tensor:
         """The windows (batch_size, seq_len + extra) of training step ``step`` (0-based)."""
         epoch, index = divmod(step, self.per_epoch)
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed(step_seed(self.seed, epoch))
             offset = int(torch.randint(self.seq_len, (1,), generator=g))
             self._windows = windows(self.ids, self.seq_len + self.extra, offset, self.seq_len)
             self._order = torch.randperm(len(self._windows), generator=g)
