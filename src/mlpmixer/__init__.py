@@ -10,6 +10,7 @@ from .text import (CausalLanguageModel, LanguageModel, LMConfig, MaskedLanguageM
                    fill_mask, generate, mask_tokens)
 from .text_train import train_mlm, train_text
 from .hub import evaluate, load
+from .vision_train import predict
 from .data.tokenizer import CharTokenizer
 from .vision import MlpMixer, VisionConfig, create_model, list_models
 from .official import load_official_npz
@@ -19,7 +20,7 @@ __all__ = [
     "CharTokenizer", "Encoder", "EncoderConfig", "MLMConfig", "MaskedLanguageModel", "MixerBlock", "Mlp",
     "PatchEmbed", "SelfAttention", "TokenMixer", "TokenMixingMlp", "fill_mask", "load", "mask_tokens",
     "swap_attention", "train_mlm",
-    "CausalLanguageModel", "LMConfig", "LanguageModel", "TextConfig", "evaluate", "generate", "train_text",
+    "CausalLanguageModel", "LMConfig", "LanguageModel", "TextConfig", "evaluate", "generate", "predict", "train_text",
     "FourierMixing", "GatedMlpMixer", "SpatialGatingUnit",
     "MlpMixer", "VisionConfig", "create_model", "list_models", "load_official_npz", "resize_tokens",
 ]
