@@ -50,7 +50,7 @@ class DemoRun:
 
 def open_runs(run_dirs: list[str | os.PathLike] | None = None) -> list[DemoRun]:
     """The runs to show (default: the shipped ones), each resolved, recognised and loaded."""
-    from . import load  # the public API: mlpmixer.load
+    from .hub import load  # mlpmixer.load: the public API
 
     opened = []
     for given in run_dirs or pretrained.names():
@@ -66,7 +66,7 @@ def open_runs(run_dirs: list[str | os.PathLike] | None = None) -> list[DemoRun]:
 
 def fill_table(run: DemoRun, text: str, top_k: int = 3, mask_char: str = "_") -> tuple[str, str]:
     """The filled text and an HTML table of each blank's top-k candidates with probabilities."""
-    from .mlm import fill_mask
+    from .text import fill_mask
 
     expect(run, "mlm")
     if not text.strip():
@@ -85,7 +85,7 @@ def fill_table(run: DemoRun, text: str, top_k: int = 3, mask_char: str = "_") ->
 def generate_text(run: DemoRun, prompt: str, length: int = 200, temperature: float = 0.8, top_k: int = 0,
                   seed: int | None = 0) -> Iterator[str]:
     """The prompt and its continuation so far, after each new character (for streaming)."""
-    from .lm import generate
+    from .text import generate
 
     expect(run, "lm")
     if not prompt:
