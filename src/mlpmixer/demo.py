@@ -14,6 +14,7 @@ import argparse
 import html
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -310,17 +311,26 @@ def classify_tab(gr, choices: dict[str, DemoRun]) -> None:
 
 def serve(run_dirs: list[str | os.PathLike] | None = None, host: str = "127.0.0.1", port: int = 7860,
           block: bool = True):
-    """Build the page and serve it at http://host:port until Ctrl-C (``block=False``: return the
-    running page; stop it with ``.close()``)."""
+    """Build the page and serve it at http://host:port until Ctrl-C, which stops the server and goes
+    on as a KeyboardInterrupt (the CLI's exit 130). ``block=False``: return the running page at once;
+    stop it with ``.close()``."""
     page = build_demo(run_dirs)
     try:
         page.queue().launch(server_name=host, server_port=port, share=False, inbrowser=False, ssr_mode=False,
-                            prevent_thread_lock=not block, quiet=not block, show_error=True)
+                            prevent_thread_lock=True, quiet=True, show_error=True)
     except OSError as e:
         if "port" in str(e).lower():
             raise UsageError(f"cannot serve on {host}:{port}: the port is in use or not allowed; choose another "
                              f"with --port") from None
         raise
+    if not block:
+        return page
+    print(f"mlpmixer demo: http://{host}:{port} (Ctrl-C stops it)", flush=True)
+    try:
+        while page.is_running:
+            time.sleep(0.2)
+    finally:
+        page.close()
     return page
 
 
