@@ -45,9 +45,13 @@ def test_config_records_the_environment(trained_run):
     assert env["device"] == "cpu" and config["train"]["device"] == "auto", "the device used, beside the one asked"
     assert env["threads"] >= 1 and env["world_size"] == 1
     assert env["torch"] == torch.__version__ and env["mlpmixer"] == config["mlpmixer_version"]
-    inside_git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=__import__("mlpmixer").__path__[0])
-    assert env["git_commit"] == (inside_git.stdout.strip() if inside_git.returncode == 0 else None)
+    package = __import__("mlpmixer").__path__[0]
+    inside_git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=package)
+    if inside_git.returncode:
+        assert env["git_commit"] is None
+    else:  # a commit of this checkout (HEAD may have moved on since the session's run was made)
+        assert len(env["git_commit"]) == 40
+        assert subprocess.run(["git", "cat-file", "-e", f"{env['git_commit']}^{{commit}}"], cwd=package).returncode == 0
 
 
 def test_threads_flag_on_every_train_command(sonnet_file, tmp_path, capsys):
@@ -182,3 +186,17 @@ def test_predict_inverts_black_on_white_digits(tmp_path, capsys):
     assert flipped == plain, "a black-on-white digit is classified as its white-on-black original"
     assert captured.err.count("inverted it to match") == 20
     assert sum(p == str(t) for p, t in zip(plain, digits.target[:20])) >= 14
+
+
+def test_inference_commands_take_a_shipped_runs_name(tmp_path, capsys):
+    from sklearn.datasets import load_digits
+
+    assert main(["fill", "shakespeare-mlm", "To be, or not to b_"]) == 0
+    assert capsys.readouterr().out.startswith("To be, or not to b")
+    assert main(["generate", "shakespeare-lm", "--max-new-chars", "10", "--temperature", "0"]) == 0
+    assert len(capsys.readouterr().out.strip()) >= len("ROMEO:")
+    Image.fromarray((load_digits().images[0] / 16 * 255).astype(np.uint8)).save(tmp_path / "zero.png")
+    assert main(["predict", "digits", str(tmp_path / "zero.png"), "--top-k", "1"]) == 0
+    assert capsys.readouterr().out.split(": ")[1].startswith("0 ")
+    assert main(["evaluate", "digits", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["val_top1"] > 0.9

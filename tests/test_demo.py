@@ -60,7 +60,7 @@ def test_resolve_prefers_your_runs_and_explains_a_bad_name(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     assert pretrained.resolve("digits") == Path("digits")  # a run folder of yours wins over a shipped name
     assert pretrained.resolve(tmp_path) == tmp_path  # an existing folder: the readers say what is wrong
-    with pytest.raises(UsageError, match=r"'shakespeare-lmm' is neither .* \(did you mean 'shakespeare-lm'\?\).*"
+    with pytest.raises(UsageError, match=r"'shakespeare-lmm' does not exist and is not a shipped run \(did you mean 'shakespeare-lm'\?\).*"
                                          r"shakespeare-mlm, shakespeare-lm, digits"):
         pretrained.resolve("shakespeare-lmm")
 
@@ -318,7 +318,7 @@ def test_demo_command_line():
     assert (args.runs, args.port, args.host) == ([], 7860, "127.0.0.1")
     with pytest.raises(UsageError, match="--port must be between 1 and 65535, got 70000"):
         demo.cmd_demo(parser.parse_args(["demo", "--port", "70000"]))
-    with pytest.raises(UsageError, match="'nowhere' is neither a run directory nor a shipped run"):
+    with pytest.raises(UsageError, match="'nowhere' does not exist and is not a shipped run"):
         demo.open_runs(["nowhere"])
 
 

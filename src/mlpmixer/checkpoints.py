@@ -151,13 +151,19 @@ def mismatch_summary(missing: list[str], unexpected: list[str], misshaped: list[
     return "; ".join(parts)
 
 
+def weights_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors file ({} when it is missing or unreadable)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError):
+        return {}
+
+
 def checkpoint_step(out: Path) -> int | None:
     """The step recorded in ``out``'s model.safetensors, or None (no model, or one saved without it)."""
-    try:
-        with safe_open(str(out / MODEL_FILE), "pt") as f:
-            return int((f.metadata() or {})["step"])
-    except (SafetensorError, OSError, ValueError, KeyError):
-        return None
+    step = weights_metadata(out / MODEL_FILE).get("step")
+    return int(step) if step is not None else None
 
 
 def save_trainer_state(out: Path, model: nn.Module, opt, sched, step: int) -> None:

@@ -12,7 +12,7 @@ import threading
 import traceback
 import warnings
 
-from . import __version__
+from . import __version__, pretrained
 from .errors import DataWarning, UsageError, did_you_mean, unknown_choice
 
 # Exit statuses: 2 for bad input (arguments, config values, input files, checkpoints: a ValueError),
@@ -146,9 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "Train a next-character model whose token mixer is causal: a token-mixing MLP with "
                           "lower-triangular weights (tokens_mlp_dim = seq_len) or causal self-attention.")
     add_vision_commands(commands, train)
+    from .demo import add_demo_command
+
+    add_demo_command(commands)
 
     fill = commands.add_parser("fill", help="fill masked characters with a trained MLM")
-    fill.add_argument("run_dir", metavar="RUN_DIR", help="an mlm run directory")
+    fill.add_argument("run_dir", metavar="RUN_DIR", help="an mlm run directory, or the shipped run 'shakespeare-mlm'")
     fill.add_argument("text", help='text with the characters to fill marked, e.g. "To be, or not to b_"')
     fill.add_argument("--mask-char", default="_", help="the character that marks a position to fill")
     fill.add_argument("--top-k", type=int, default=3, help="candidates to show per position")
@@ -156,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     fill.set_defaults(handler=cmd_fill)
 
     gen = commands.add_parser("generate", help="sample text from a trained lm run")
-    gen.add_argument("run_dir", metavar="RUN_DIR", help="an lm run directory")
+    gen.add_argument("run_dir", metavar="RUN_DIR", help="an lm run directory, or the shipped run 'shakespeare-lm'")
     gen.add_argument("--prompt", default="ROMEO:", help="text to continue")
     gen.add_argument("--max-new-chars", type=int, default=200, help="characters to generate")
     gen.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (lower: more conservative; "
@@ -279,7 +282,7 @@ def cmd_fill(args: argparse.Namespace) -> int:
     from .hub import load
     from .text import fill_mask
 
-    model, tok = load(args.run_dir, device=checked_device(args.device), task="mlm")
+    model, tok = load(pretrained.resolve(args.run_dir), device=checked_device(args.device), task="mlm")
     result = fill_mask(model, tok, args.text, mask_char=args.mask_char, top_k=args.top_k)
     print(result.text)
     for position, candidates in result.candidates:
@@ -293,7 +296,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.max_new_chars < 0:
         raise ValueError(f"--max-new-chars must be >= 0, got {args.max_new_chars}")
-    model, tok = load(args.run_dir, device=checked_device(args.device), task="lm")
+    model, tok = load(pretrained.resolve(args.run_dir), device=checked_device(args.device), task="lm")
     chars = generate(model, tok, args.prompt, args.max_new_chars, args.temperature, args.top_k, args.seed)
     first = next(chars, "")  # validates every input before anything is printed
     print(args.prompt + first, end="", flush=True)
@@ -392,7 +395,8 @@ def add_vision_commands(commands, train) -> None:
     vision.set_defaults(handler=cmd_train_vision)
 
     predict = commands.add_parser("predict", help="classify images with a trained vision model")
-    predict.add_argument("run_dir", metavar="RUN_DIR", help="a vision run directory (or save_pretrained directory)")
+    predict.add_argument("run_dir", metavar="RUN_DIR", help="a vision run directory (or save_pretrained directory), "
+                         "or the shipped run 'digits'")
     predict.add_argument("images", metavar="IMAGE", nargs="+", help="image files (PNG, JPEG, ...)")
     predict.add_argument("--top-k", type=int, default=5, help="classes to show per image")
     predict.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -422,7 +426,7 @@ def cmd_train_vision(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .vision_train import predict
 
-    for path, top in zip(args.images, predict(args.run_dir, args.images, top_k=args.top_k,
+    for path, top in zip(args.images, predict(pretrained.resolve(args.run_dir), args.images, top_k=args.top_k,
                                               device=checked_device(args.device))):
         print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
     return 0

@@ -10,17 +10,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import runs
+from . import pretrained, runs
 from .distributed import resolve_device
 
 
 def load(run_dir: str | os.PathLike, device: str = "cpu", task: str | tuple[str, ...] | None = None):
     """The trained model (eval mode) of a run, with its tokenizer (text) or class names (vision).
 
-    ``task``, when given, is what the caller needs ("mlm", "lm", "vision" or a tuple of them): a run of
-    another task is one clear error.
+    ``run_dir`` may also name a run shipped with the package (``shakespeare-mlm``, ``shakespeare-lm``,
+    ``digits``). ``task``, when given, is what the caller needs ("mlm", "lm", "vision" or a tuple of
+    them): a run of another task is one clear error.
     """
-    run = Path(run_dir)
+    run = pretrained.resolve(str(run_dir))
     saved = runs.read_run_config(run, task)
     if saved["task"] == "vision":
         from .vision import MlpMixer
@@ -45,7 +46,7 @@ def evaluate(run_dir: str | os.PathLike, *, text_file: str | os.PathLike | None 
     file; with ``data_dir`` (vision runs), on ``DIR/val/<class>/*`` or ``DIR/<class>/*``. Text: loss and
     masked-character accuracy (mlm) or bits per character (lm); vision: loss, top-1 and top-5.
     """
-    run = Path(run_dir)
+    run = pretrained.resolve(str(run_dir))
     saved = runs.read_run_config(run)
     target = resolve_device(device)
     model, extra = load(run, device=str(target))

@@ -52,5 +52,5 @@ def resolve(name_or_dir: str | os.PathLike) -> Path:
         return shipped
     if path.exists():
         return path
-    raise UsageError(f"{name!r} is neither a run directory nor a shipped run{did_you_mean(name, names())}; "
+    raise UsageError(f"run directory {name!r} does not exist and is not a shipped run{did_you_mean(name, names())}; "
                      f"give a folder written by `mlpmixer train` or one of {', '.join(names())}")

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from . import __version__
 from .checkpoints import (CONFIG_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE, CheckpointError, atomic_write,
-                          read_json, write_json)
+                          read_json, weights_metadata, write_json)
 from .errors import RunExistsError, UsageError
 
 FORMAT, FORMAT_VERSION = "mlpmixer-run", 1
@@ -113,13 +113,8 @@ def git_commit() -> str | None:
 
 def best_metric(run: Path) -> float | None:
     """The validation metric recorded in the run's ``model_best.safetensors`` (None if there is none)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(run / BEST_MODEL_FILE), "pt") as f:
-            return float((f.metadata() or {})["value"])
-    except (SafetensorError, OSError, ValueError, KeyError):
-        return None
+    value = weights_metadata(run / BEST_MODEL_FILE).get("value")
+    return float(value) if value is not None else None
 
 
 # --- lock -------------------------------------------------------------------------------------------------

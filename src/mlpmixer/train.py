@@ -301,9 +301,30 @@ def choose_threads(requested: int, model: nn.Module, ctx: distributed.Dist) -> t
         return max(1, cores // ctx.world), f"{cores} cores shared by {ctx.world} ranks"
     if sum(p.numel() for p in model.parameters()) < SMALL_MODEL:
         return 1, "a small model"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    idle = max(1, min(cores, cores - round(load)))
-    return idle, f"{cores} cores, load average {load:.1f}"
+    busy = busy_cores()
+    idle = max(1, min(cores, cores - round(busy)))
+    return idle, f"{cores} cores, {busy:.1f} busy with other work"
+
+
+def busy_cores(interval: float = 0.25) -> float:
+    """How many cores other processes keep busy now: from /proc/stat over ``interval`` seconds (Linux),
+    else the 1-minute load average."""
+    def times() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), idle
+
+    first = times()
+    if first is None:
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    time.sleep(interval)
+    second = times()
+    total, idle = second[0] - first[0], second[1] - first[1]
+    return (os.cpu_count() or 1) * (1.0 - idle / total) if total > 0 else 0.0
 
 
 def _fit(model: nn.Module, task: Task, config: TrainConfig, out: Path, ctx: distributed.Dist, *, d_model: int,
