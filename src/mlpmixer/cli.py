@@ -178,7 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("task", choices=("mlm", "lm"))
     study.add_argument("--steps", type=int, default=1000, help="optimiser steps per run")
     study.add_argument("--seeds", type=int, default=3, help="seeds per (schedule, mixer)")
-    study.add_argument("--schedules", default="seed,adamw", help="comma-separated: seed, adamw")
+    study.add_argument("--schedules", default="seed,adamw", help="comma-separated: seed (the seed's Noam), adamw "
+                       "(AdamW 5e-4, 25 %% warm-up), tuned (each mixer at its own best setting of the sweep)")
+    study.add_argument("--tune-steps", type=int, default=0, help="steps of each sweep run (needed by --schedules tuned)")
+    study.add_argument("--tune-lrs", default="1e-3,3e-3", help="the sweep's AdamW peak rates")
+    study.add_argument("--tune-warmups", default="0.1", help="the sweep's warm-up fractions of the run")
+    study.add_argument("--tune-positions", default="seed,learned,rotary", help="the sweep's position options: seed "
+                       "(sinusoidal on √d-scaled embeddings), learned (unscaled), rotary (attention only)")
     study.add_argument("--mixers", default=None, help="comma-separated token mixers (default: every mixer; for lm "
                        "every causal one)")
     study.add_argument("--batch-size", type=int, default=64, help="sequences per step")
@@ -337,10 +343,26 @@ def cmd_study(args: argparse.Namespace) -> int:
                         source=TextSource(corpus=args.corpus, text_file=args.text_file),
                         schedules=tuple(s.strip() for s in args.schedules.split(",") if s.strip()),
                         mixers=tuple(m.strip() for m in args.mixers.split(",") if m.strip()) if args.mixers else None,
+                        tune_steps=args.tune_steps, tune_lrs=floats("--tune-lrs", args.tune_lrs),
+                        tune_warmups=floats("--tune-warmups", args.tune_warmups),
+                        tune_positions=tuple(p.strip() for p in args.tune_positions.split(",") if p.strip()),
                         batch_size=args.batch_size, max_val_windows=args.max_val_windows)
     print(md.read_text(encoding="utf-8"))
     print(f"wrote {md} and {png}")
     return 0
+
+
+def floats(flag: str, text: str) -> tuple[float, ...]:
+    """A comma-separated list of finite numbers, or one clear error naming the flag."""
+    import math
+
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"{flag} {text!r} is not a comma-separated list of numbers (e.g. 1e-3,3e-3)") from None
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise UsageError(f"{flag} {text!r} needs positive finite numbers (e.g. 1e-3,3e-3)")
+    return values
 
 
 def cmd_plot(args: argparse.Namespace) -> int:

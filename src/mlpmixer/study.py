@@ -61,6 +61,83 @@ METRIC = {"mlm": ("val_accuracy", "masked-character accuracy", True), "lm": ("va
 
 
 @dataclass(frozen=True)
+class Contender:
+    """A token mixer and the model settings it runs with, e.g. ``attention:d_ff=32`` (attention with the
+    MLP encoder's parameter count) or ``attention:pos_embedding=rotary+embed_scale=false``."""
+
+    mixer: str
+    overrides: tuple[tuple[str, object], ...] = ()
+
+    @classmethod
+    def parse(cls, spec: str) -> "Contender":
+        mixer, _, rest = spec.partition(":")
+        overrides = []
+        for item in filter(None, rest.split("+")):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise UsageError(f"--mixers {spec!r}: {item!r} is not KEY=VALUE (e.g. attention:d_ff=32)")
+            overrides.append((key.strip(), _value(value.strip())))
+        return cls(mixer.strip(), tuple(overrides))
+
+    @property
+    def name(self) -> str:
+        return self.mixer + (":" + "+".join(f"{k}={v}" for k, v in self.overrides) if self.overrides else "")
+
+    @property
+    def slug(self) -> str:
+        return "".join(c if c.isalnum() or c in "._" else "-" for c in self.name.replace(":", "-"))
+
+    def fields(self) -> dict:
+        return {**dict(self.overrides), "token_mixer": self.mixer}
+
+
+def _value(text: str):
+    """A command-line value as the config field expects it: bool, int, float or str."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of the tuning sweep: an AdamW peak rate, a warm-up fraction and a position option."""
+
+    lr: float
+    warmup_fraction: float
+    positions: str
+
+    @property
+    def name(self) -> str:
+        return f"adamw lr {self.lr:g}, warm-up {self.warmup_fraction:g}, positions {self.positions}"
+
+    @property
+    def slug(self) -> str:
+        return f"lr{self.lr:g}-w{self.warmup_fraction:g}-{self.positions}"
+
+    def schedule(self) -> Schedule:
+        return Schedule("tuned", "adamw", self.lr, warmup_fraction=self.warmup_fraction, weight_decay=0.01)
+
+
+POSITIONS = {  # the position options of the sweep, as model settings
+    "seed": {},  # sinusoidal, added to √d-scaled token embeddings
+    "learned": {"pos_embedding": "learned", "embed_scale": False},
+    "rotary": {"pos_embedding": "rotary", "embed_scale": False},  # attention only
+}
+
+
+def sweep(contender: Contender, lrs: tuple[float, ...], warmups: tuple[float, ...],
+          positions: tuple[str, ...]) -> list[Setting]:
+    """The same grid for every mixer: peak rate × warm-up × the position options that apply to it."""
+    usable = [p for p in positions if p != "rotary" or contender.mixer == "attention"]
+    return [Setting(lr, w, p) for lr in lrs for w in warmups for p in usable]
+
+
+@dataclass(frozen=True)
 class Cell:
     """One run of the study: a schedule, a mixer and a seed, trained in ``path``."""
 
@@ -71,10 +148,12 @@ class Cell:
     path: Path
 
 
-def mixers_for(task: str, mixers: tuple[str, ...] | None = None) -> tuple[str, ...]:
-    """The token mixers a study of ``task`` compares: all of them, less the non-causal ones for lm."""
-    chosen = mixers or tuple(m for m in TOKEN_MIXERS if not (task == "lm" and m in NON_CAUSAL))
-    unknown = [m for m in chosen if m not in TOKEN_MIXERS]
+def mixers_for(task: str, mixers: tuple[str, ...] | None = None) -> tuple[Contender, ...]:
+    """The contenders a study of ``task`` compares: every mixer (less the non-causal ones for lm), or
+    the ``mixers`` given as specs (``mlp``, ``attention:d_ff=32``, ...)."""
+    chosen = [Contender.parse(m) for m in mixers] if mixers else \
+        [Contender(m) for m in TOKEN_MIXERS if not (task == "lm" and m in NON_CAUSAL)]
+    unknown = [c.mixer for c in chosen if c.mixer not in TOKEN_MIXERS]
     if unknown:
         raise unknown_choice("token mixer", unknown[0], TOKEN_MIXERS)
     return tuple(chosen)
@@ -102,32 +181,87 @@ def saved_key(run: Path) -> str | None:
 def run_study(task: str, out: str | os.PathLike, *, steps: int, seeds: int, source: TextSource,
               schedules: tuple[str, ...] = ("seed", "adamw"), mixers: tuple[str, ...] | None = None,
               model_fields: dict | None = None, batch_size: int = 64, max_val_windows: int | None = 2000,
-              quiet: bool = True) -> tuple[Path, Path]:
-    """Train every (schedule, mixer, seed) cell under ``out`` (reusing finished ones) and report."""
+              tune_steps: int = 0, tune_lrs: tuple[float, ...] = (1e-3, 3e-3), tune_warmups: tuple[float, ...] = (0.1,),
+              tune_positions: tuple[str, ...] = ("seed", "learned", "rotary"), quiet: bool = True) -> tuple[Path, Path]:
+    """Train every (schedule, contender, seed) cell under ``out`` (reusing finished ones) and report.
+
+    The schedule ``tuned`` runs each contender at its own best setting of the same sweep (`sweep`: AdamW
+    peak rate × warm-up × position options), each setting trained once for ``tune_steps`` steps with a
+    tuning seed (1000) that no compared run uses, and chosen on the validation metric.
+    """
     if task not in METRIC:
         raise UsageError(f"unknown study task {task!r}; choose mlm or lm")
     if steps <= 0 or seeds <= 0:
         raise UsageError(f"--steps and --seeds must be positive, got {steps} and {seeds}")
-    unknown = [s for s in schedules if s not in SCHEDULES]
+    unknown = [s for s in schedules if s not in (*SCHEDULES, "tuned")]
     if unknown:
-        raise unknown_choice("schedule", unknown[0], tuple(SCHEDULES))
-    mixers = mixers_for(task, mixers)
+        raise unknown_choice("schedule", unknown[0], (*SCHEDULES, "tuned"))
+    if "tuned" in schedules and tune_steps <= 0:
+        raise UsageError("the 'tuned' schedule needs --tune-steps N (the budget of each sweep run)")
+    bad = [p for p in tune_positions if p not in POSITIONS]
+    if bad:
+        raise unknown_choice("position option", bad[0], tuple(POSITIONS))
+    contenders = mixers_for(task, mixers)
     out = study_dir(Path(out))
     text = source.read()
-    fingerprint = runs.fingerprint_text(text)
+    context = _Context(task, text, runs.fingerprint_text(text), source, batch_size, max_val_windows, quiet,
+                       model_fields or {})
+    best: dict[str, tuple[Setting, float]] = {}
+    tuning: list[tuple[Contender, Setting, Cell]] = []
+    if "tuned" in schedules:
+        for contender in contenders:
+            for setting in sweep(contender, tune_lrs, tune_warmups, tune_positions):
+                cell = context.cell(out / "tuning", setting.slug, contender, setting.schedule(), tune_steps, TUNE_SEED,
+                                    POSITIONS[setting.positions])
+                tuning.append((contender, setting, cell))
+            best[contender.name] = _best(task, [(s, c) for k, s, c in tuning if k == contender])
     cells = []
     for schedule in schedules:
         for seed in range(seeds):
-            for mixer in mixers:
-                fields = {**(model_fields or {}), "token_mixer": mixer}
-                train = SCHEDULES[schedule].train_config(steps, seed, batch_size)
-                _, config = text_config(task, fields, text)
-                key = cell_key(cell_identity(task, dataclasses.asdict(config), dataclasses.asdict(train),
-                                             fingerprint, max_val_windows))
-                cell = Cell(schedule, mixer, seed, key, out / f"{schedule}-{mixer}-seed{seed}-{key}")
-                train_cell(task, cell, fields, train, source, max_val_windows, quiet)
-                cells.append(cell)
-    return write_report(task, out, cells, seeds)
+            for contender in contenders:
+                if schedule == "tuned":
+                    setting = best[contender.name][0]
+                    cells.append(context.cell(out, "tuned", contender, setting.schedule(), steps, seed,
+                                              POSITIONS[setting.positions]))
+                else:
+                    cells.append(context.cell(out, schedule, contender, SCHEDULES[schedule], steps, seed))
+    return write_report(task, out, cells, seeds, tuning, best)
+
+
+TUNE_SEED = 1000
+"""The seed of every tuning run: no compared run uses it, so the choice is not fitted to their seeds."""
+
+
+@dataclass(frozen=True)
+class _Context:
+    task: str
+    text: str
+    fingerprint: dict
+    source: TextSource
+    batch_size: int
+    max_val_windows: int | None
+    quiet: bool
+    model_fields: dict
+
+    def cell(self, folder: Path, schedule_name: str, contender: Contender, schedule: Schedule, steps: int, seed: int,
+             extra_fields: dict | None = None) -> "Cell":
+        """Train (or reuse, or resume) one run, in a folder named by its whole configuration."""
+        fields = {**self.model_fields, **(extra_fields or {}), **contender.fields()}
+        train = schedule.train_config(steps, seed, self.batch_size)
+        _, config = text_config(self.task, fields, self.text)
+        key = cell_key(cell_identity(self.task, dataclasses.asdict(config), dataclasses.asdict(train),
+                                     self.fingerprint, self.max_val_windows))
+        cell = Cell(schedule_name, contender.name, seed, key,
+                    folder / f"{schedule_name}-{contender.slug}-seed{seed}-{key}")
+        folder.mkdir(parents=True, exist_ok=True)
+        train_cell(self.task, cell, fields, train, self.source, self.max_val_windows, self.quiet)
+        return cell
+
+
+def _best(task: str, tried: list[tuple[Setting, Cell]]) -> tuple[Setting, float]:
+    key, _, higher = METRIC[task]
+    scored = [(s, Run.load(c.path).val[-1][key]) for s, c in tried]
+    return (max if higher else min)(scored, key=lambda item: item[1])
 
 
 def study_dir(out: Path) -> Path:
@@ -162,7 +296,8 @@ def train_cell(task: str, cell: Cell, fields: dict, train: TrainConfig, source: 
     train_text(task, fields, train, source, path, max_val_windows=max_val_windows, quiet=quiet)
 
 
-def write_report(task: str, out: Path, cells: list[Cell], seeds: int) -> tuple[Path, Path]:
+def write_report(task: str, out: Path, cells: list[Cell], seeds: int, tuning: list | None = None,
+                 best: dict | None = None) -> tuple[Path, Path]:
     key, label, higher = METRIC[task]
     groups: dict[tuple[str, str], list[Run]] = {}
     for cell in cells:
@@ -180,6 +315,15 @@ def write_report(task: str, out: Path, cells: list[Cell], seeds: int) -> tuple[P
         walls = [r.wall_s for r in group]
         lines.append(f"| {schedule} | {mixer} | {_mean_std(finals)} | {_mean_std(bests)} | {group[0].parameters:,} | "
                      f"{statistics.median(rates):,.0f} | {statistics.mean(walls):.0f} s |")
+    if best:
+        lines += ["", "Each contender's own best setting (the `tuned` rows), chosen on validation from the same sweep:",
+                  "", "| mixer | chosen setting | its sweep result |", "|---|---|---:|"]
+        lines += [f"| {name} | {setting.name} | {value:.4f} |" for name, (setting, value) in best.items()]
+    if tuning:
+        steps = Run.load(tuning[0][2].path).val[-1]["step"]
+        lines += ["", f"The sweep: every setting once, {steps} steps, seed {TUNE_SEED}, final validation {key}:", "",
+                  "| mixer | setting | " + key + " |", "|---|---|---:|"]
+        lines += [f"| {c.name} | {s.name} | {Run.load(cell.path).val[-1][key]:.4f} |" for c, s, cell in tuning]
     md = out / "study.md"
     atomic_write(md, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n", encoding="utf-8"))
     return md, _plot(task, groups, key, label, out / "study.png")
