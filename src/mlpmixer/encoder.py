@@ -51,9 +51,9 @@ class EncoderConfig:
     causal: bool = False
     """Position i sees only positions <= i (autoregressive models)."""
     pos_embedding: str = "sinusoidal"
-    """Positions: sinusoidal (the seed's, added), learned (added, init N(0, 0.02²)), none, rotary (attention's q, k only)."""
+    """Positions: sinusoidal (the seed's) or learned (init N(0, 0.02²)) added, none, rotary (attention's q, k)."""
     embed_scale: bool = True
-    """Multiply token embeddings by √d_model before adding positions (the seed's); off keeps them at init scale N(0, 1)."""
+    """Multiply token embeddings by √d_model before adding positions (the seed's); off: their N(0, 1) scale."""
     embed_norm: bool = False
     """LayerNorm on token + position embeddings before the first block (BERT's embedding norm)."""
 
