@@ -41,7 +41,7 @@ class TrainConfig:
     steps: int = 3000
     """Optimiser steps in the whole run."""
     batch_size: int = 64
-    """Sequences (or images) per step."""
+    """Sequences (or images) per optimiser step, over all ranks: the global batch (torchrun ranks split it)."""
     optimizer: str = "noam"
     """``noam``: Adam, rate factor·d_model^-0.5·min(t^-0.5, t·w^-1.5); ``adamw``: warm-up + cosine."""
     lr: float = 1.0

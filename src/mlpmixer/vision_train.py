@@ -39,7 +39,7 @@ class VisionTrainConfig(TrainConfig):
     steps: int = 660
     """Optimiser steps in the whole run (``--epochs`` sets it from the data)."""
     batch_size: int = 64
-    """Images per step."""
+    """Images per optimiser step, over all ranks: the global batch (torchrun ranks split it)."""
     optimizer: str = "adamw"
     """``adamw``: linear warm-up then cosine decay to 0; ``noam``: Adam with the inverse-sqrt schedule."""
     lr: float = 2e-3
