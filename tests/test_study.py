@@ -23,7 +23,7 @@ def test_contender_specs_parse_and_name_their_folders():
 
 
 def test_every_mixer_gets_the_same_sweep_with_the_positions_that_apply():
-    grid = dict(lrs=(1e-3, 3e-3), warmups=(0.1,), positions=("seed", "learned", "rotary"))
+    grid = dict(lrs=(1e-3, 3e-3), warmups=(0.1,), positions=("seed", "unscaled", "rotary"))
     assert len(sweep(Contender("attention"), **grid)) == 6
     for mixer in ("mlp", "fourier", "gmlp"):
         settings = sweep(Contender(mixer), **grid)

@@ -183,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--tune-steps", type=int, default=0, help="steps of each sweep run (needed by --schedules tuned)")
     study.add_argument("--tune-lrs", default="1e-3,3e-3", help="the sweep's AdamW peak rates")
     study.add_argument("--tune-warmups", default="0.1", help="the sweep's warm-up fractions of the run")
-    study.add_argument("--tune-positions", default="seed,learned,rotary", help="the sweep's position options: seed "
-                       "(sinusoidal on √d-scaled embeddings), learned (unscaled), rotary (attention only)")
+    study.add_argument("--tune-positions", default="seed,unscaled,rotary", help="the sweep's position options: seed "
+                       "(sinusoidal on √d-scaled embeddings), unscaled (--no-embed-scale), learned (learned positions, "
+                       "unscaled), rotary (attention only)")
     study.add_argument("--mixers", default=None, help="comma-separated token mixers (default: every mixer; for lm "
                        "every causal one)")
     study.add_argument("--batch-size", type=int, default=64, help="sequences per step")

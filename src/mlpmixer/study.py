@@ -123,10 +123,11 @@ class Setting:
         return Schedule("tuned", "adamw", self.lr, warmup_fraction=self.warmup_fraction, weight_decay=0.01)
 
 
-POSITIONS = {  # the position options of the sweep, as model settings
+POSITIONS = {  # the position options of the sweep, as model settings (docs/study-attention.md)
     "seed": {},  # sinusoidal, added to √d-scaled token embeddings
+    "unscaled": {"embed_scale": False},  # the same sinusoids, no longer drowned by the √d scale
     "learned": {"pos_embedding": "learned", "embed_scale": False},
-    "rotary": {"pos_embedding": "rotary", "embed_scale": False},  # attention only
+    "rotary": {"pos_embedding": "rotary"},  # q and k rotated by position: attention only
 }
 
 
@@ -182,7 +183,7 @@ def run_study(task: str, out: str | os.PathLike, *, steps: int, seeds: int, sour
               schedules: tuple[str, ...] = ("seed", "adamw"), mixers: tuple[str, ...] | None = None,
               model_fields: dict | None = None, batch_size: int = 64, max_val_windows: int | None = 2000,
               tune_steps: int = 0, tune_lrs: tuple[float, ...] = (1e-3, 3e-3), tune_warmups: tuple[float, ...] = (0.1,),
-              tune_positions: tuple[str, ...] = ("seed", "learned", "rotary"), quiet: bool = True) -> tuple[Path, Path]:
+              tune_positions: tuple[str, ...] = ("seed", "unscaled", "rotary"), quiet: bool = True) -> tuple[Path, Path]:
     """Train every (schedule, contender, seed) cell under ``out`` (reusing finished ones) and report.
 
     The schedule ``tuned`` runs each contender at its own best setting of the same sweep (`sweep`: AdamW
