@@ -29,7 +29,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
@@ -206,7 +206,6 @@ class _NewRun:
     created_dir: bool
     lock: RunLock
     replacing: bool = False
-    done: list[str] = field(default_factory=list)
 
 
 @contextmanager
