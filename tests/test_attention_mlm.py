@@ -71,6 +71,15 @@ def test_rotary_makes_attention_see_order():
     assert not torch.allclose(rotary(x[:, perm]), rotary(x)[:, perm], atol=1e-3)
 
 
+def test_rotary_causal_attention_still_sees_only_the_past():
+    attn = SelfAttention(16, 4, causal=True, rotary=RotaryEmbedding(4, 10)).eval()
+    x = torch.randn(2, 10, 16)
+    changed = x.clone()
+    changed[:, 6:] = torch.randn(2, 4, 16)
+    torch.testing.assert_close(attn(changed)[:, :6], attn(x)[:, :6])
+    assert not torch.allclose(attn(changed)[:, 6:], attn(x)[:, 6:])
+
+
 def test_rotary_encoder_rotates_in_every_block_and_adds_no_state():
     config = dict(vocab_size=20, seq_len=12, d_model=16, n_layers=2, n_heads=4, d_ff=24, token_mixer="attention")
     enc = Encoder(MLMConfig(**config, pos_embedding="rotary").encoder)
