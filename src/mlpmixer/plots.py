@@ -91,7 +91,7 @@ def plot_runs(run_dirs: list[str], output: str | os.PathLike) -> Path:
 
     runs_ = [Run.load(d) for d in run_dirs]
     fig, (ax_loss, ax_metric, ax_lr) = plt.subplots(1, 3, figsize=(15, 4.2))
-    labels = set()
+    labels, drawn = set(), set()
     for i, run in enumerate(runs_):
         color = f"C{i}"
         task = run.config.get("task", "mlm")
@@ -108,10 +108,11 @@ def plot_runs(run_dirs: list[str], output: str | os.PathLike) -> Path:
                        color=color, label=f"{run.label} validation")
         ax_lr.plot(steps, [r.get("lr", float("nan")) for r in run.train], color=color, label=run.label)
         baseline = frequent_character_baseline(run) if task == "mlm" else None
-        if baseline is not None:
+        if baseline is not None and baseline not in drawn:
+            drawn.add(baseline)
             char, share = baseline
-            ax_metric.axhline(share, color=color, linestyle="--", linewidth=1,
-                              label=f"always {char!r}: {share:.1%} (bag of characters)")
+            ax_metric.axhline(share, color="grey", linestyle="--", linewidth=1,
+                              label=f"always {char!r}: {share:.1%} of the validation text (bag of characters)")
     ax_loss.set(xlabel="step", ylabel="loss (nats)", title="loss")
     ax_metric.set(xlabel="step", ylabel=" / ".join(sorted(labels)), title=" / ".join(sorted(labels)))
     ax_lr.set(xlabel="step", ylabel="learning rate", title="learning rate (the rate each step used)")
