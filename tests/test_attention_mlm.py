@@ -186,7 +186,7 @@ def doubled_letters(n_pairs: int, seed: int) -> torch.Tensor:
     """Ids of a text of random letters, each written twice ("ccaajjbb..."), as ids 2.. (0, 1 are special).
 
     A masked letter equals one of its neighbours, so it is predictable from positions, but every letter is
-    equally frequent, so a model that sees only the bag of characters in a window scores about 1/10.
+    equally frequent, so a model that sees only the bag of characters in a window has little to go on.
     """
     g = torch.Generator().manual_seed(seed)
     return (torch.randint(len(LETTERS), (n_pairs,), generator=g) + 2).repeat_interleave(2)
