@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,10 @@ TRAIN_ARGS = ["--steps", "20", "--seq-len", "16", "--d-model", "32", "--n-layers
 
 
 def pytest_configure(config):
-    # Tiny tensors: one thread is fastest, and the suite shares a small machine with other work.
+    # Tiny tensors: one thread is fastest, and the suite shares a small machine with other work. The
+    # variable also makes every in-process `mlpmixer train` keep one thread (it honours OMP_NUM_THREADS),
+    # so in-process and subprocess runs (which set it too) give the same bits.
+    os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
 

@@ -222,3 +222,21 @@ def test_gradients_are_clipped(tmp_path, monkeypatch):
     model = torch.nn.Linear(4, 4)
     fit(model, Finite(), TrainConfig(steps=3, device="cpu"), tmp_path, d_model=4, run_config={}, quiet=True)
     assert seen == [1.0, 1.0, 1.0]
+
+
+def test_thread_choice(monkeypatch):
+    """--threads or OMP_NUM_THREADS as asked; else the cores that other processes leave idle now."""
+    from mlpmixer import train as train_module
+    from mlpmixer.distributed import Dist
+
+    big = torch.nn.Linear(4, 4)
+    cpu = Dist(rank=0, world=1, device=torch.device("cpu"))
+    monkeypatch.setattr(train_module.os, "cpu_count", lambda: 4)
+    assert train_module.choose_threads(3, big, cpu) == (3, "--threads")
+    assert train_module.choose_threads(0, big, cpu) == (torch.get_num_threads(), "OMP_NUM_THREADS")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert train_module.choose_threads(0, big, Dist(rank=0, world=2, device=torch.device("cpu")))[0] == 2
+    for busy, expected in ((0.0, 4), (0.6, 4), (1.0, 3), (2.9, 1), (4.0, 1)):
+        monkeypatch.setattr(train_module, "busy_cores", lambda: busy)
+        assert train_module.choose_threads(0, big, cpu)[0] == expected, busy
+

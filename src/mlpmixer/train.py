@@ -284,25 +284,23 @@ def fit(model: nn.Module, task: Task, config: TrainConfig, out_dir: str | os.Pat
         torch.set_num_threads(previous_threads)
 
 
-SMALL_MODEL = 1_000_000
-"""Parameters; below it one CPU thread trains fastest (measured in docs/vision.md)."""
-
-
 def choose_threads(requested: int, model: nn.Module, ctx: distributed.Dist) -> tuple[int, str]:
-    """The intra-op thread count and why: as requested; one per rank under torchrun on the CPU; one for
-    a model under `SMALL_MODEL` parameters; else the cores that the 1-minute load average leaves idle
-    (at least one), since threads that wait for a busy core stall every step."""
+    """The intra-op thread count and why: as requested (``--threads``, or ``OMP_NUM_THREADS`` in the
+    environment); one share of the cores per rank under torchrun on the CPU; else the cores that other
+    processes leave idle now. Measured in docs/benchmarks.md: on an idle 2-core machine two threads are
+    as fast or faster, but with one core busy two threads are 2.5-3x slower than one, because every
+    parallel region waits for the thread that shares its core."""
     cores = os.cpu_count() or 1
     if requested:
         return requested, "--threads"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads(), "OMP_NUM_THREADS"
     if ctx.device.type != "cpu":
         return torch.get_num_threads(), "CUDA run"
     if ctx.world > 1:
         return max(1, cores // ctx.world), f"{cores} cores shared by {ctx.world} ranks"
-    if sum(p.numel() for p in model.parameters()) < SMALL_MODEL:
-        return 1, "a small model"
     busy = busy_cores()
-    idle = max(1, min(cores, cores - round(busy)))
+    idle = max(1, min(cores, cores - int(busy + 0.3)))  # a core counts as taken when > 70 % busy
     return idle, f"{cores} cores, {busy:.1f} busy with other work"
 
 
@@ -318,13 +316,17 @@ def busy_cores(interval: float = 0.25) -> float:
         idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
         return sum(fields), idle
 
-    first = times()
+    first, own, start = times(), time.process_time(), time.perf_counter()
     if first is None:
         return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     time.sleep(interval)
     second = times()
     total, idle = second[0] - first[0], second[1] - first[1]
-    return (os.cpu_count() or 1) * (1.0 - idle / total) if total > 0 else 0.0
+    if total <= 0:
+        return 0.0
+    # less this process's own threads (OpenMP workers spin for a while after each parallel region)
+    mine = (time.process_time() - own) / (time.perf_counter() - start)
+    return max(0.0, (os.cpu_count() or 1) * (1.0 - idle / total) - mine)
 
 
 def _fit(model: nn.Module, task: Task, config: TrainConfig, out: Path, ctx: distributed.Dist, *, d_model: int,
