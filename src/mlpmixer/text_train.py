@@ -228,6 +228,7 @@ def train_text(task: str, model_fields: dict, train: TrainConfig, source: TextSo
         train = steps_for_epochs(train, epochs, per_epoch)
     with runs.new_run(out, overwrite):
         return _run(config, train, tok, text, out, resume=False, source=source.absolute(),
+                    fingerprint=runs.fingerprint_text(text),
                     max_val_windows=max_val_windows, quiet=quiet, tensorboard=tensorboard)
 
 
@@ -255,13 +256,12 @@ def resume_text(task: str, out: str | os.PathLike, *, changes: dict | None = Non
         if not quiet:
             print(f"resuming {out} on {source.describe()}", file=sys.stderr)
         text = source.read()
-        runs.check_fingerprint(data.get("fingerprint"), runs.fingerprint_text(text), source.describe(),
-                               allow_changed_data)
+        fingerprint = runs.fingerprint_text(text)
+        runs.check_fingerprint(data.get("fingerprint"), fingerprint, source.describe(), allow_changed_data)
         tok = load_tokenizer(out, config.vocab_size)
         if text_file is not None:
-            runs.write_config(out, {**saved, "data": {**dataclasses.asdict(source),
-                                                      "fingerprint": runs.fingerprint_text(text)}})
-        return _run(config, train, tok, text, out, resume=True, source=source,
+            runs.write_config(out, {**saved, "data": {**dataclasses.asdict(source), "fingerprint": fingerprint}})
+        return _run(config, train, tok, text, out, resume=True, source=source, fingerprint=fingerprint,
                     max_val_windows=saved.get("max_val_windows"), quiet=quiet, tensorboard=tensorboard)
 
 
@@ -300,12 +300,13 @@ def make_task(config: TextConfig, tok: CharTokenizer, text: str, batch_size: int
 
 
 def _run(config: TextConfig, train: TrainConfig, tok: CharTokenizer, text: str, out: Path, *, resume: bool,
-         source: TextSource, max_val_windows: int | None, quiet: bool, tensorboard: bool = False) -> dict[str, float]:
+         source: TextSource, fingerprint: dict, max_val_windows: int | None, quiet: bool,
+         tensorboard: bool = False) -> dict[str, float]:
     job = make_task(config, tok, text, train.batch_size, train.seed, resolve_device(train.device), max_val_windows)
     torch.manual_seed(train.seed)
     model = LanguageModel(config)
     run_config = {"task": config.task, "model": dataclasses.asdict(config),
-                  "data": {**dataclasses.asdict(source), "fingerprint": runs.fingerprint_text(text)},
+                  "data": {**dataclasses.asdict(source), "fingerprint": fingerprint},
                   "max_val_windows": max_val_windows}
     return fit(model, job, train, out, d_model=config.d_model, run_config=run_config, resume=resume,
                save_extra=tok.save, quiet=quiet, tensorboard=tensorboard)

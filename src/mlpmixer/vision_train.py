@@ -230,10 +230,11 @@ def resume_vision(out: str | os.PathLike, *, changes: dict | None = None, quiet:
                   file=sys.stderr)
         net = MlpMixer(read_vision_config(out))
         data = load_data(source.get("dataset", "digits"), folder, net.config.in_chans)
-        runs.check_fingerprint(source.get("fingerprint"), data.fingerprint(),
-                               repr(str(folder)) if folder else "digits", allow_changed_data)
+        fingerprint = data.fingerprint()
+        runs.check_fingerprint(source.get("fingerprint"), fingerprint, repr(str(folder)) if folder else "digits",
+                               allow_changed_data)
         if data_dir is not None:
-            runs.write_config(out, {**saved, "data": {**data.source, "fingerprint": data.fingerprint()}})
+            runs.write_config(out, {**saved, "data": {**data.source, "fingerprint": fingerprint}})
         preprocess = Preprocess(**saved["preprocess"]) if isinstance(saved.get("preprocess"), dict) else \
             Preprocess(net.config.image_hw, net.config.in_chans, crop_pct=data.crop_pct)
         return _fit_vision(net, data, preprocess, train, out, saved, resume=True, quiet=quiet,
