@@ -87,8 +87,8 @@ def test_image_folder_training_with_mixup_and_prediction(tmp_path, capsys):
 
     root = write_folder(tmp_path / "data", per_class=3, size=(12, 9))
     out = tmp_path / "run"
-    assert main(["train", "vision", "--data-dir", str(root), "--img-size", "8", "--steps", "3", "--batch-size", "4",
-                 "--mixup-alpha", "0.4", "--quiet", "--out", str(out)]) == 0
+    assert main(["train", "vision", "--model", "mixer_tiny_digits", "--data-dir", str(root), "--img-size", "8",
+                 "--steps", "3", "--batch-size", "4", "--mixup-alpha", "0.4", "--quiet", "--out", str(out)]) == 0
     saved = json.loads((out / "config.json").read_text())
     assert saved["class_names"] == ["ant", "cat"] and saved["model"]["in_chans"] == 3
     assert saved["preprocess"]["crop_pct"] == 0.875 and saved["data"]["data_dir"] == str(root)

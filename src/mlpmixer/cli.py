@@ -103,8 +103,9 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls, title: str, skip: tuple[str, ...] = ()) -> None:
-    """One ``--flag`` per field of the frozen config ``cls``, defaulting to None (= the config's default)."""
+def add_config_args(parser: argparse.ArgumentParser, cls, title: str, skip: tuple[str, ...] = ()):
+    """One ``--flag`` per field of the frozen config ``cls``, defaulting to None (= the config's default);
+    returns the argument group."""
     group = parser.add_argument_group(title)
     docs, choices = field_docs(cls), config_choices()
     for f in dataclasses.fields(cls):
@@ -122,6 +123,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls, title: str, skip: tupl
         else:
             group.add_argument(flag, type=kind, default=None, metavar=f.name.upper(),
                                help=f"{docs.get(f.name, '')} (default: {f.default})")
+    return group
 
 
 def picked(args: argparse.Namespace, cls, skip: tuple[str, ...] = ()) -> dict:
@@ -385,12 +387,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def add_vision_commands(commands, train) -> None:
     """``train vision`` and ``predict``."""
     from .vision import GELU_APPROXIMATIONS, VisionConfig, list_models
-    from .vision_train import DATASETS, VisionTrainConfig
+    from .vision_train import AUTO, DATASETS, VisionTrainConfig
 
-    vision = train.add_parser("vision", help="MLP-Mixer image classifier (the paper's model)", description="Train an MLP-Mixer image classifier. The default, a small Mixer on "
+    vision = train.add_parser("vision", help="MLP-Mixer image classifier (the paper's model)", description="Train an MLP-Mixer image classifier. The default (--model auto), a small Mixer on "
                               "scikit-learn's 8x8 digits, runs in well under 5 minutes on 2 CPU cores.")
-    vision.add_argument("--model", default="mixer_tiny_digits", type=Choice("model", list_models()),
-                        metavar="MODEL", help=f"preset: {', '.join(list_models())} (default: mixer_tiny_digits)")
+    vision.add_argument("--model", default=AUTO, type=Choice("model", [AUTO, *list_models()]), metavar="MODEL",
+                        help=f"auto (a recipe chosen from the images: mixer_tiny_digits for the built-in digits, a "
+                        f"configuration measured in docs/vision.md for a folder) or a preset: {', '.join(list_models())} "
+                        f"(default: auto)")
     data = vision.add_argument_group("data")
     source = data.add_mutually_exclusive_group()
     source.add_argument("--dataset", default="digits", choices=DATASETS, help="built-in dataset, offline (default: digits)")
@@ -406,15 +410,25 @@ def add_vision_commands(commands, train) -> None:
     run.add_argument("--out", default="runs/vision", help="run directory to write (default: runs/vision)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue the vision run in RUN_DIR from its last checkpoint")
-    run.add_argument("--epochs", type=float, default=30, help="epochs, validating after each; --steps overrides (default: 30)")
+    run.add_argument("--epochs", type=float, help="epochs, validating after each; --steps overrides (default: the "
+                     "recipe's for --model auto on a folder, else 30)")
+    run.add_argument("--budget", type=float, metavar="MINUTES", help="fit the epochs to this many minutes of wall "
+                     "time on this machine (a few steps are timed first); instead of --epochs")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events to RUN_DIR/tensorboard")
     docs, model = field_docs(VisionConfig), vision.add_argument_group("model (overrides of the preset)")
+    for name in ("patch_size", "hidden_dim", "tokens_mlp_dim", "channels_mlp_dim", "num_blocks"):
+        model.add_argument("--" + name.replace("_", "-"), type=int, metavar="N",
+                           help=f"{docs[name]} (default: the preset's or the recipe's)")
     model.add_argument("--dropout", type=float, help=f"{docs['dropout']} (default: the preset's)")
     model.add_argument("--drop-path", type=float, help=f"{docs['drop_path']} (default: the preset's)")
     model.add_argument("--gelu-approximate", choices=GELU_APPROXIMATIONS, help=f"{docs['gelu_approximate']} "
                        "(default: the preset's)")
-    add_config_args(vision, VisionTrainConfig, "training")
+    training = add_config_args(vision, VisionTrainConfig, "training", skip=("crop_scale", "hflip"))
+    train_docs = field_docs(VisionTrainConfig)
+    training.add_argument("--crop-scale", type=float, metavar="CROP_SCALE", help=f"{train_docs['crop_scale']}")
+    training.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
+                          help=f"{train_docs['hflip']}")
     vision.set_defaults(handler=cmd_train_vision)
 
     predict = commands.add_parser("predict", help="classify images with a trained vision model")
@@ -436,12 +450,14 @@ def cmd_train_vision(args: argparse.Namespace) -> int:
                                 tensorboard=args.tensorboard)
         finished("vision", metrics, args.resume)
         return 0
-    train = VisionTrainConfig(**picked(args, VisionTrainConfig))
+    if args.budget is not None and (args.epochs is not None or args.steps is not None):
+        raise UsageError("--budget chooses the epochs; give --budget or --epochs/--steps, not both")
     overrides = picked(args, VisionConfig, skip=("num_classes", "img_size", "in_chans"))  # dropout, drop_path, GELU
-    metrics = train_vision(args.model, train, args.out, dataset=args.dataset, data_dir=args.data_dir,
+    metrics = train_vision(args.model, None, args.out, dataset=args.dataset, data_dir=args.data_dir,
                            img_size=args.img_size, epochs=None if args.steps else args.epochs, init=args.init,
                            model_overrides=overrides, overwrite=args.overwrite, quiet=args.quiet,
-                           tensorboard=args.tensorboard)
+                           tensorboard=args.tensorboard, settings=picked(args, VisionTrainConfig),
+                           budget=args.budget)
     finished("vision", metrics, args.out)
     return 0
 

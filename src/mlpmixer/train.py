@@ -10,10 +10,12 @@ an uninterrupted one exactly.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import os
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -302,6 +304,39 @@ def choose_threads(requested: int, model: nn.Module, ctx: distributed.Dist) -> t
     busy = busy_cores()
     idle = max(1, min(cores, cores - int(busy + 0.3)))  # a core counts as taken when > 70 % busy
     return idle, f"{cores} cores, {busy:.1f} busy with other work"
+
+
+def time_step(model: nn.Module, task: Task, config: TrainConfig, d_model: int, steps: int = 6) -> tuple[float, float]:
+    """Seconds per training step (median of ``steps`` after one warm-up step) and for one validation
+    pass, measured on a copy of ``model`` with the thread count `fit` will use: what ``--budget`` fits
+    the epochs to. The model, the task's order and the global random state are left as they were."""
+    ctx = distributed.Dist(device=resolve_device(config.device))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--budget fits one process's speed; under torchrun give --epochs or --steps instead")
+    threads, _ = choose_threads(config.threads, model, ctx)
+    previous, rng = torch.get_num_threads(), torch.get_rng_state()
+    torch.set_num_threads(threads)
+    try:
+        probe = copy.deepcopy(model).to(ctx.device).train()
+        opt, _ = make_optimizer(probe, config, d_model)
+        generator = torch.Generator(ctx.device).manual_seed(config.seed)
+        times = []
+        for step in range(steps + 1):
+            start = time.perf_counter()
+            with _autocast(ctx.device, config.precision):
+                loss, _ = task.loss(probe, task.batch(step, generator), generator)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        probe.eval()
+        with torch.no_grad():
+            task.evaluate_sums(probe)
+        return statistics.median(times[1:]), time.perf_counter() - start
+    finally:
+        torch.set_num_threads(previous)
+        torch.set_rng_state(rng)
 
 
 def busy_cores(interval: float = 0.25) -> float:

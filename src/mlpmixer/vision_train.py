@@ -10,6 +10,7 @@ import dataclasses
 import math
 import os
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +21,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import checkpoints, runs
-from .data.images import (ImageData, Preprocess, augment, background_of, load_digits,
+from .data.images import (Augment, ImageData, Preprocess, augment, background_of, image_survey, load_digits,
                           load_image_folder)
 from .errors import DataWarning
 from .official import checkpoint_grid, load_official_npz
 from .resize import resize_tokens
 from .data.windows import step_seed
-from .train import TrainConfig, fit, resolve_device, resumed_configs, shard_sums, steps_for_epochs
+from .recipe import FolderShape, Recipe, choose, epochs_for_budget
+from .train import (TrainConfig, fit, resolve_device, resumed_configs, shard_sums, steps_for_epochs,
+                    time_step)
 from .vision import MlpMixer, VisionConfig, read_vision_config
 
 DATASETS = ("digits",)
+IN_MEMORY_BYTES = 2 << 30
+"""A folder whose decoded images (uint8, at the training and validation sizes) fit in this many bytes
+is decoded once and kept in memory; a larger one is read from its files batch by batch."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,6 +66,14 @@ class VisionTrainConfig(TrainConfig):
     """Mixup: blend image pairs with λ ~ Beta(α, α) (0 = off)."""
     augment: bool = True
     """Random resized crops (and flips, except for digits) of the training images."""
+    crop_scale: float | None = None
+    """Smallest random crop, as a fraction of the image's area (None: the data's own, 0.08 for folders)."""
+    rotate: float = 0.0
+    """Largest random rotation of a training image, in degrees."""
+    translate: float = 0.0
+    """Largest random shift of a training image, as a fraction of its side."""
+    hflip: bool | None = None
+    """Flip training images left-right (None: the data's own; never for digits)."""
     grad_checkpointing: bool = False
     """Recompute each block's activations in the backward pass: less memory, more time."""
 
@@ -69,6 +83,18 @@ class VisionTrainConfig(TrainConfig):
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.mixup_alpha < 0:
             raise ValueError(f"mixup_alpha must be >= 0, got {self.mixup_alpha}")
+        if self.crop_scale is not None and not 0.0 < self.crop_scale <= 1.0:
+            raise ValueError(f"crop_scale must be in (0, 1], got {self.crop_scale}")
+        if not 0.0 <= self.rotate <= 180.0:
+            raise ValueError(f"rotate must be in [0, 180] degrees, got {self.rotate}")
+        if not 0.0 <= self.translate < 1.0:
+            raise ValueError(f"translate must be in [0, 1), got {self.translate}")
+
+    def augmentation(self, default: Augment) -> Augment:
+        """The data's default augmentation with this config's choices applied."""
+        scale = default.scale if self.crop_scale is None else (min(self.crop_scale, default.scale[1]), default.scale[1])
+        return dataclasses.replace(default, scale=scale, rotate=self.rotate, translate=self.translate,
+                                   hflip=default.hflip if self.hflip is None else self.hflip)
 
 
 class VisionTask:
@@ -85,8 +111,15 @@ class VisionTask:
         if self.per_epoch == 0:
             raise ValueError(f"{len(data.train)} training images are fewer than one batch of {config.batch_size}; "
                              f"use a smaller --batch-size")
-        side = [math.ceil(s / data.crop_pct) for s in preprocess.img_size]
+        side = [math.ceil(s / preprocess.crop_pct) for s in preprocess.img_size]
         self.train_size = tuple(side) if config.augment else preprocess.img_size
+        self.train_crop = 1.0 if config.augment else preprocess.crop_pct
+        self.augmentation = config.augmentation(data.augment)
+        self.train_images, self.val_images = data.train, data.val
+        if data.train.decoded_bytes(preprocess.in_chans, self.train_size) + \
+                data.val.decoded_bytes(preprocess.in_chans, preprocess.img_size) <= IN_MEMORY_BYTES:
+            self.train_images = data.train.decoded(preprocess, self.train_size, self.train_crop)
+            self.val_images = data.val.decoded(preprocess, preprocess.img_size, preprocess.crop_pct)
         self._epoch, self._order = -1, None
 
     @classmethod
@@ -96,6 +129,7 @@ class VisionTask:
         task = cls.__new__(cls)
         task.data, task.preprocess, task.device = data, preprocess, device
         task.num_classes, task.eval_batch_size = num_classes, eval_batch_size
+        task.val_images = data.val
         return task
 
     def batch(self, step: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -104,10 +138,9 @@ class VisionTask:
             g = torch.Generator().manual_seed(step_seed(self.config.seed, epoch))
             self._epoch, self._order = epoch, torch.randperm(len(self.data.train), generator=g)
         rows = self._order[index * self.config.batch_size:(index + 1) * self.config.batch_size]
-        crop = 1.0 if self.config.augment else self.data.crop_pct
-        x = self.data.train.load(rows, self.preprocess, self.train_size, crop).to(self.device)
+        x = self.train_images.load(rows, self.preprocess, self.train_size, self.train_crop).to(self.device)
         if self.config.augment:
-            x = augment(x, self.preprocess.img_size, self.data.augment, generator)
+            x = augment(x, self.preprocess.img_size, self.augmentation, generator)
         return self.preprocess.normalize(x), self.data.train.labels[rows].to(self.device)
 
     def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor], generator: torch.Generator):
@@ -121,10 +154,10 @@ class VisionTask:
 
     def evaluate_sums(self, model: nn.Module, rank: int = 0, world: int = 1) -> dict[str, float]:
         """Summed loss and correct count over this rank's share of the validation batches."""
-        val = self.data.val
+        val = self.val_images
 
         def measure(i: int, rows: Tensor):
-            x = val.load(rows, self.preprocess, self.preprocess.img_size, self.data.crop_pct).to(self.device)
+            x = val.load(rows, self.preprocess, self.preprocess.img_size, self.preprocess.crop_pct).to(self.device)
             y = val.labels[rows].to(self.device)
             logits = model(self.preprocess.normalize(x)).float()
             top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # (B, 5)
@@ -174,42 +207,102 @@ def load_data(dataset: str = "digits", data_dir: str | os.PathLike | None = None
     return load_digits()
 
 
-def train_vision(model: str = "mixer_tiny_digits", train: VisionTrainConfig | None = None,
+AUTO = "auto"
+"""``--model auto`` (the default): the digits preset for the built-in digits, `recipe.choose` for a folder."""
+
+
+def train_vision(model: str = AUTO, train: VisionTrainConfig | None = None,
                  out: str | os.PathLike = "runs/vision", *, dataset: str = "digits",
                  data_dir: str | os.PathLike | None = None, img_size: int | None = None, epochs: float | None = None,
                  init: str | os.PathLike | None = None, model_overrides: dict | None = None, overwrite: bool = False,
-                 quiet: bool = False, tensorboard: bool = False) -> dict[str, float]:
-    """Train the preset ``model`` on digits or an ImageFolder tree; returns the last validation metrics.
+                 quiet: bool = False, tensorboard: bool = False, settings: dict | None = None,
+                 budget: float | None = None) -> dict[str, float]:
+    """Train ``model`` (a preset, or ``auto``) on digits or an ImageFolder tree; returns the last validation metrics.
 
-    ``epochs`` sets the steps and validates (and checkpoints) after every epoch. ``init`` is an
-    official ``.npz`` (for the preset ``model``) or a vision run directory (whose architecture is used);
-    a different number of classes gets a new zero head, a larger ``img_size`` resizes the token MLPs
-    (Appendix C).
+    With ``auto`` on a folder, `recipe.choose` picks the model, augmentation, batch, learning rate and
+    epochs from the images (recorded in config.json under "recipe"); ``settings`` (training fields),
+    ``model_overrides``, ``img_size`` and ``epochs`` the caller chose win over it. ``budget`` (minutes)
+    fits the epochs to the time available: a few steps are timed first. ``epochs`` sets the steps and
+    validates (and checkpoints) after every epoch (default 30 for a preset). ``init`` is an official
+    ``.npz`` (for a preset ``model``) or a vision run directory (whose architecture is used); a different
+    number of classes gets a new zero head, a larger ``img_size`` resizes the token MLPs (Appendix C).
     """
-    train = train or VisionTrainConfig()
+    if budget is not None and (not math.isfinite(budget) or budget <= 0):
+        raise ValueError(f"--budget must be a positive number of minutes, got {budget}")
     overrides = dict(model_overrides or {})
     data = load_data(dataset, data_dir, overrides.get("in_chans", 3))
+    plan = _recipe_for(data) if model == AUTO and data_dir is not None else None
+    if model == AUTO and plan is None:
+        model = "mixer_tiny_digits"
+    if plan is not None and init is not None and not Path(init).is_dir():
+        raise ValueError("--init with an .npz checkpoint needs the --model preset it was trained as")
+    if plan is not None:
+        data = dataclasses.replace(data, in_chans=plan.model["in_chans"], crop_pct=plan.crop_pct)
+        train = train or VisionTrainConfig(**{**plan.train, **(settings or {})})
+        overrides = {**{k: v for k, v in plan.model.items() if k != "img_size" and init is None}, **overrides}
+        img_size = img_size if img_size is not None else plan.model["img_size"]
+        if epochs is None and budget is None and "steps" not in (settings or {}):
+            epochs = plan.epochs
+    else:
+        train = train or VisionTrainConfig(**(settings or {}))
+        if epochs is None and budget is None and "steps" not in (settings or {}):
+            epochs = 30.0
     classes = data.train.class_names
     overrides = {"in_chans": data.in_chans, **overrides, "num_classes": len(classes)}
     if img_size is not None:
         overrides["img_size"] = img_size
     torch.manual_seed(train.seed)
-    net = initial_model(target_config(model, overrides, init), init)
+    target = VisionConfig(**overrides) if plan is not None and init is None else target_config(model, overrides, init)
+    net = initial_model(target, init)
     sample = data.train.load(torch.arange(min(len(data.train), 256)), Preprocess(net.config.image_hw,
                              net.config.in_chans, crop_pct=data.crop_pct), net.config.image_hw, data.crop_pct)
     preprocess = Preprocess(net.config.image_hw, net.config.in_chans, crop_pct=data.crop_pct,
                             background=background_of(sample))
+    task = VisionTask(data, preprocess, train, len(classes), resolve_device(train.device))
+    if budget is not None:
+        epochs = _budget_epochs(budget, net, task, train, quiet)
     if epochs is not None:
-        per_epoch = max(len(data.train) // train.batch_size, 1)
-        train = dataclasses.replace(steps_for_epochs(train, epochs, per_epoch), eval_every=per_epoch,
-                                    ckpt_every=per_epoch, log_every=min(train.log_every, per_epoch))
+        train = dataclasses.replace(steps_for_epochs(train, epochs, task.per_epoch), eval_every=task.per_epoch,
+                                    ckpt_every=task.per_epoch, log_every=min(train.log_every, task.per_epoch))
+        if plan is not None and "warmup" not in (settings or {}):
+            train = dataclasses.replace(train, warmup=max(1, round(0.05 * train.steps)))
     out = Path(out)
     run_config = {"task": "vision", "model": net.config.to_dict(),
                   "data": {**data.source, "fingerprint": data.fingerprint()}, "class_names": classes,
-                  "preprocess": preprocess.to_dict(), "init": str(init) if init else None}
+                  "preprocess": preprocess.to_dict(), "init": str(init) if init else None,
+                  "recipe": _recipe_record(plan, budget, epochs)}
+    if plan is not None and not quiet:
+        print("recipe for this folder (docs/vision.md; any flag you give wins):\n  " + "\n  ".join(plan.reasons)
+              + (f"\n  --budget {budget:g} min -> {epochs:g} epochs" if budget is not None else ""), file=sys.stderr)
     with runs.new_run(out, overwrite):
-        return _fit_vision(net, data, preprocess, train, out, run_config, resume=False, quiet=quiet,
-                           tensorboard=tensorboard)
+        return _fit_vision(net, task, train, out, run_config, resume=False, quiet=quiet, tensorboard=tensorboard)
+
+
+def _recipe_for(data: ImageData) -> Recipe:
+    side, grey = image_survey(data.train.paths or [])
+    return choose(FolderShape(len(data.train), len(data.train.class_names), side, grey))
+
+
+def _recipe_record(plan: Recipe | None, budget: float | None, epochs: float | None) -> dict | None:
+    if plan is None and budget is None:
+        return None
+    return {**(plan.to_dict() if plan else {}), "budget_minutes": budget, "epochs_run": epochs}
+
+
+def _budget_epochs(budget: float, net: MlpMixer, task: "VisionTask", train: VisionTrainConfig, quiet: bool) -> float:
+    """Whole epochs that fit ``budget`` minutes at the speed measured now (a few steps on a copy)."""
+    started = time.perf_counter()
+    step_s, eval_s = time_step(net, task, train, net.config.hidden_dim)
+    spent = time.perf_counter() - started
+    epochs = epochs_for_budget(budget * 60 * BUDGET_SHARE - spent, step_s, eval_s, task.per_epoch)
+    if not quiet:
+        print(f"budget: {step_s * 1000:.0f} ms per step, {eval_s:.1f} s per validation measured -> {epochs:g} epochs "
+              f"of {task.per_epoch} steps in {budget:g} min", file=sys.stderr)
+    return epochs
+
+
+BUDGET_SHARE = 0.9
+"""The share of ``--budget`` given to training and validation; the rest covers checkpoints and start-up."""
 
 
 def resume_vision(out: str | os.PathLike, *, changes: dict | None = None, quiet: bool = False,
@@ -237,15 +330,14 @@ def resume_vision(out: str | os.PathLike, *, changes: dict | None = None, quiet:
             runs.write_config(out, {**saved, "data": {**data.source, "fingerprint": fingerprint}})
         preprocess = Preprocess(**saved["preprocess"]) if isinstance(saved.get("preprocess"), dict) else \
             Preprocess(net.config.image_hw, net.config.in_chans, crop_pct=data.crop_pct)
-        return _fit_vision(net, data, preprocess, train, out, saved, resume=True, quiet=quiet,
-                           tensorboard=tensorboard)
+        task = VisionTask(dataclasses.replace(data, crop_pct=preprocess.crop_pct), preprocess, train,
+                          len(saved["class_names"]), resolve_device(train.device))
+        return _fit_vision(net, task, train, out, saved, resume=True, quiet=quiet, tensorboard=tensorboard)
 
 
-def _fit_vision(net: MlpMixer, data: ImageData, preprocess: Preprocess, train: VisionTrainConfig, out: Path,
-                run_config: dict, *, resume: bool, quiet: bool, tensorboard: bool = False) -> dict[str, float]:
+def _fit_vision(net: MlpMixer, task: "VisionTask", train: VisionTrainConfig, out: Path, run_config: dict, *,
+                resume: bool, quiet: bool, tensorboard: bool = False) -> dict[str, float]:
     net.set_grad_checkpointing(train.grad_checkpointing)
-    task = VisionTask(data, preprocess, train, len(run_config["class_names"]),
-                      resolve_device(train.device))
     return fit(net, task, train, out, d_model=net.config.hidden_dim, run_config=run_config, resume=resume,
                quiet=quiet, tensorboard=tensorboard)
 
