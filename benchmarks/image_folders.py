@@ -10,8 +10,7 @@ Each writes ``DIR/train/<class>/*.png``, ``DIR/val/<class>/*.png`` (what a recip
   (train / val / test bases are disjoint: 60 / 20 / 20 %), each drawn many times: upscaled
   bicubically into an 18-20 pixel box, rotated ±10°, sheared, a third with a thicker pen, centred
   by its centre of mass (±2 pixels) on a 28x28 black canvas as MNIST's digits are, with sensor
-  noise. Calibrated so that simple models land where they do on an MNIST subset of this size
-  (docs/vision.md: an RBF SVM on the pixels).
+  noise. An RBF SVM on its pixels reaches 95.7 % on val (docs/vision.md).
 * ``shapes32``: ten geometric shapes (disc, ring, square, frame, triangle, cross, plus, star,
   diamond, crescent) of random size, place, colour and a rotation within ±20° on random backgrounds with noise.
 """

@@ -22,12 +22,13 @@ def test_tiny_folder_gets_a_small_model_and_many_epochs():
     assert r.train["hflip"] is False and r.crop_pct == 1.0
 
 
-def test_small_grey_folder_gets_7x7_patches_shifts_and_rotations_but_no_flips():
+def test_small_grey_folder_gets_7x7_patches_whole_frame_mild_crops_and_no_flips():
     r = choose(FolderShape(train_images=8000, classes=10, side=28, grey=True))
     assert (r.model["patch_size"], r.model["img_size"], r.model["in_chans"]) == (4, 28, 1)  # 7x7 = 49 tokens
     assert r.model["tokens_mlp_dim"] == r.model["hidden_dim"] // 2
     assert r.model["channels_mlp_dim"] == 4 * r.model["hidden_dim"]  # the paper's ratios
-    assert r.train["hflip"] is False and r.train["rotate"] > 0 and r.train["translate"] > 0
+    assert r.train["hflip"] is False and r.train["crop_scale"] == 0.8
+    assert r.train["rotate"] == 0 and r.train["translate"] == 0  # measured: no gain on digits28, -9.6 % on shapes32
     assert r.crop_pct == 1.0 and r.train["batch_size"] == 128 and r.epochs == 80  # 62 steps an epoch
     assert any("49 tokens" in reason for reason in r.reasons)
 

@@ -5,7 +5,7 @@ chooses the patch size to trade tokens against resolution. For a small folder tr
 same ideas become a few rules, each measured in docs/vision.md:
 
     images of side <= 64  ->  the whole frame (no centre crop), a grid of 7-8 patches a side,
-                              small shifts, rotations and zooms; no flips (a flipped digit is another symbol)
+                              zoom crops of 80-100 % of the area; no flips (a flipped digit is another symbol)
     larger images         ->  a 7-8 patch grid too (Mixer-S/32's 7x7 at 224), random resized crops,
                               flips for colour images
     training images       ->  the width (C, D_S = C/2, D_C = 4C: the paper's ratios) and the batch
@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 
 SMALL_SIDE = 64
-"""Images up to this side count as small: full frame, shifts and rotations, no flips."""
+"""Images up to this side count as small: full frame, mild zoom crops, no flips."""
 MAX_TOKENS = 64
 """The patch size is the smallest power of two that leaves at most this many tokens (a 7x7 or 8x8 grid)."""
 TARGET_IMAGES = 640_000
@@ -71,7 +71,7 @@ def choose(shape: FolderShape) -> Recipe:
     epochs = float(min(100, max(10, round(TARGET_IMAGES / shape.train_images))))
     hflip = not (small or shape.grey)
     if small:
-        augment = dict(crop_scale=0.8, rotate=10.0, translate=0.1, hflip=False)
+        augment = dict(crop_scale=0.8, rotate=0.0, translate=0.0, hflip=False)  # shifts, rotations: measured, dropped
     else:
         augment = dict(crop_scale=0.25, rotate=0.0, translate=0.0, hflip=hflip)
     train = dict(batch_size=batch, lr=2e-3, weight_decay=0.05, label_smoothing=0.1, mixup_alpha=0.0, **augment,
@@ -81,7 +81,7 @@ def choose(shape: FolderShape) -> Recipe:
         f"patch {patch}: {grid}x{grid} = {grid * grid} tokens",
         f"{shape.train_images:,} training images -> C {width}, D_S {width // 2}, D_C {4 * width}, {blocks} blocks, "
         f"stochastic depth 0.1, batch {batch}",
-        ("small images: whole frame, shifts ±10 %, rotations ±10°, zoom crops of 80-100 % area, no flips"
+        ("small images: whole frame, zoom crops of 80-100 % area, no flips"
          if small else f"random resized crops of 25-100 % area{', flips' if hflip else ', no flips (grey images)'}"),
         f"{epochs:g} epochs ({int(epochs) * per_epoch:,} steps), AdamW 2e-3, 5 % warm-up, cosine, label smoothing 0.1, "
         f"no mixup",
