@@ -26,6 +26,7 @@ VARIANTS = {  # flags added to the default command; the rows of docs/vision.md w
     "rotate-shift-mixup": ["--rotate", "10", "--translate", "0.1", "--mixup-alpha", "0.2"],
     "rotate-shift-c96x6": ["--rotate", "10", "--translate", "0.1", "--hidden-dim", "96", "--tokens-mlp-dim", "48",
                            "--channels-mlp-dim", "384", "--num-blocks", "6"],
+    "c96x6": ["--hidden-dim", "96", "--tokens-mlp-dim", "48", "--channels-mlp-dim", "384", "--num-blocks", "6"],
     "c128x6": ["--hidden-dim", "128", "--tokens-mlp-dim", "64", "--channels-mlp-dim", "512", "--num-blocks", "6"],
 }
 

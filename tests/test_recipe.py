@@ -130,6 +130,7 @@ def test_budget_fits_the_epochs_and_is_recorded(recipe_run, tmp_path, capsys):
     assert main(["train", "vision", "--data-dir", str(root), "--budget", "1", "--epochs", "2",
                  "--out", str(tmp_path / "x")]) == 2
     assert main(["train", "vision", "--data-dir", str(root), "--budget", "-1", "--out", str(tmp_path / "y")]) == 2
+    assert main(["train", "vision", "--resume", str(out), "--budget", "1"]) == 2
 
 
 def test_a_named_preset_is_not_changed_by_the_recipe(recipe_run, tmp_path):

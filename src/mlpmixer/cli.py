@@ -444,6 +444,8 @@ def cmd_train_vision(args: argparse.Namespace) -> int:
     from .vision import VisionConfig
     from .vision_train import VisionTrainConfig, resume_vision, train_vision
 
+    if args.resume and args.budget is not None:
+        raise UsageError("--budget fits a new run's epochs; to continue a run give --resume with --steps N")
     if args.resume:
         metrics = resume_vision(args.resume, changes=picked(args, VisionTrainConfig), quiet=args.quiet,
                                 data_dir=args.data_dir, allow_changed_data=args.allow_changed_data,
