@@ -74,8 +74,7 @@ def choose(shape: FolderShape) -> Recipe:
         augment = dict(crop_scale=0.8, rotate=0.0, translate=0.0, hflip=False)  # shifts, rotations: measured, dropped
     else:
         augment = dict(crop_scale=0.25, rotate=0.0, translate=0.0, hflip=hflip)
-    train = dict(batch_size=batch, lr=2e-3, weight_decay=0.05, label_smoothing=0.1, mixup_alpha=0.0, **augment,
-                 warmup=max(1, round(0.05 * epochs * per_epoch)))
+    train = dict(batch_size=batch, lr=2e-3, weight_decay=0.05, label_smoothing=0.1, mixup_alpha=0.0, **augment)
     reasons = (
         f"{shape.side}-pixel {'grey' if shape.grey else 'colour'} images -> input {img}x{img}x{model['in_chans']}, "
         f"patch {patch}: {grid}x{grid} = {grid * grid} tokens",

@@ -227,55 +227,61 @@ def train_vision(model: str = AUTO, train: VisionTrainConfig | None = None,
     ``.npz`` (for a preset ``model``) or a vision run directory (whose architecture is used); a different
     number of classes gets a new zero head, a larger ``img_size`` resizes the token MLPs (Appendix C).
     """
+    started = time.perf_counter()
     if budget is not None and (not math.isfinite(budget) or budget <= 0):
         raise ValueError(f"--budget must be a positive number of minutes, got {budget}")
     overrides = dict(model_overrides or {})
     data = load_data(dataset, data_dir, overrides.get("in_chans", 3))
     plan = _recipe_for(data) if model == AUTO and data_dir is not None else None
-    if model == AUTO and plan is None:
-        model = "mixer_tiny_digits"
-    if plan is not None and init is not None and not Path(init).is_dir():
-        raise ValueError("--init with an .npz checkpoint needs the --model preset it was trained as")
+    model = "mixer_tiny_digits" if model == AUTO and plan is None else model
+    chosen = dict(settings or {})  # what the caller set: it wins over the recipe
+    settings = chosen
     if plan is not None:
+        if init is not None and not Path(init).is_dir():
+            raise ValueError("--init with an .npz checkpoint needs the --model preset it was trained as")
         data = dataclasses.replace(data, in_chans=plan.model["in_chans"], crop_pct=plan.crop_pct)
-        train = train or VisionTrainConfig(**{**plan.train, **(settings or {})})
+        settings = {**plan.train, **chosen}
         overrides = {**{k: v for k, v in plan.model.items() if k != "img_size" and init is None}, **overrides}
         img_size = img_size if img_size is not None else plan.model["img_size"]
-        if epochs is None and budget is None and "steps" not in (settings or {}):
-            epochs = plan.epochs
-    else:
-        train = train or VisionTrainConfig(**(settings or {}))
-        if epochs is None and budget is None and "steps" not in (settings or {}):
-            epochs = 30.0
-    classes = data.train.class_names
-    overrides = {"in_chans": data.in_chans, **overrides, "num_classes": len(classes)}
+        if not quiet:
+            print("recipe for this folder (docs/vision.md; any flag you give wins):\n  " + "\n  ".join(plan.reasons),
+                  file=sys.stderr)
+    train = train or VisionTrainConfig(**settings)
+    if epochs is None and budget is None and "steps" not in settings:
+        epochs = plan.epochs if plan is not None else 30.0
+    overrides = {"in_chans": data.in_chans, **overrides, "num_classes": len(data.train.class_names)}
     if img_size is not None:
         overrides["img_size"] = img_size
     torch.manual_seed(train.seed)
-    target = VisionConfig(**overrides) if plan is not None and init is None else target_config(model, overrides, init)
-    net = initial_model(target, init)
-    sample = data.train.load(torch.arange(min(len(data.train), 256)), Preprocess(net.config.image_hw,
-                             net.config.in_chans, crop_pct=data.crop_pct), net.config.image_hw, data.crop_pct)
-    preprocess = Preprocess(net.config.image_hw, net.config.in_chans, crop_pct=data.crop_pct,
-                            background=background_of(sample))
-    task = VisionTask(data, preprocess, train, len(classes), resolve_device(train.device))
+    net = initial_model(VisionConfig(**overrides) if plan is not None and init is None
+                        else target_config(model, overrides, init), init)
+    preprocess = _preprocess(data, net)
+    task = VisionTask(data, preprocess, train, len(data.train.class_names), resolve_device(train.device))
     if budget is not None:
-        epochs = _budget_epochs(budget, net, task, train, quiet)
+        epochs = _budget_epochs(budget, time.perf_counter() - started, net, task, train, quiet)
     if epochs is not None:
         train = dataclasses.replace(steps_for_epochs(train, epochs, task.per_epoch), eval_every=task.per_epoch,
                                     ckpt_every=task.per_epoch, log_every=min(train.log_every, task.per_epoch))
-        if plan is not None and "warmup" not in (settings or {}):
-            train = dataclasses.replace(train, warmup=max(1, round(0.05 * train.steps)))
-    out = Path(out)
+        if plan is not None and "warmup" not in chosen:
+            train = dataclasses.replace(train, warmup=max(1, round(RECIPE_WARMUP * train.steps)))
     run_config = {"task": "vision", "model": net.config.to_dict(),
-                  "data": {**data.source, "fingerprint": data.fingerprint()}, "class_names": classes,
+                  "data": {**data.source, "fingerprint": data.fingerprint()}, "class_names": data.train.class_names,
                   "preprocess": preprocess.to_dict(), "init": str(init) if init else None,
                   "recipe": _recipe_record(plan, budget, epochs)}
-    if plan is not None and not quiet:
-        print("recipe for this folder (docs/vision.md; any flag you give wins):\n  " + "\n  ".join(plan.reasons)
-              + (f"\n  --budget {budget:g} min -> {epochs:g} epochs" if budget is not None else ""), file=sys.stderr)
-    with runs.new_run(out, overwrite):
-        return _fit_vision(net, task, train, out, run_config, resume=False, quiet=quiet, tensorboard=tensorboard)
+    with runs.new_run(Path(out), overwrite):
+        return _fit_vision(net, task, train, Path(out), run_config, resume=False, quiet=quiet, tensorboard=tensorboard)
+
+
+RECIPE_WARMUP = 0.05
+"""The recipe's warm-up: this share of the run's steps."""
+
+
+def _preprocess(data: ImageData, net: MlpMixer) -> Preprocess:
+    """How files become inputs of ``net``, with the training images' polarity (from a sample of 256)."""
+    hw, chans = net.config.image_hw, net.config.in_chans
+    sample = data.train.load(torch.arange(min(len(data.train), 256)), Preprocess(hw, chans, crop_pct=data.crop_pct),
+                             hw, data.crop_pct)
+    return Preprocess(hw, chans, crop_pct=data.crop_pct, background=background_of(sample))
 
 
 def _recipe_for(data: ImageData) -> Recipe:
@@ -289,15 +295,17 @@ def _recipe_record(plan: Recipe | None, budget: float | None, epochs: float | No
     return {**(plan.to_dict() if plan else {}), "budget_minutes": budget, "epochs_run": epochs}
 
 
-def _budget_epochs(budget: float, net: MlpMixer, task: "VisionTask", train: VisionTrainConfig, quiet: bool) -> float:
-    """Whole epochs that fit ``budget`` minutes at the speed measured now (a few steps on a copy)."""
+def _budget_epochs(budget: float, spent: float, net: MlpMixer, task: "VisionTask", train: VisionTrainConfig,
+                   quiet: bool) -> float:
+    """Whole epochs that fit ``budget`` minutes, less the ``spent`` seconds of start-up, at the speed
+    measured now (a few steps on a copy of the model)."""
     started = time.perf_counter()
     step_s, eval_s = time_step(net, task, train, net.config.hidden_dim)
-    spent = time.perf_counter() - started
-    epochs = epochs_for_budget(budget * 60 * BUDGET_SHARE - spent, step_s, eval_s, task.per_epoch)
+    left = budget * 60 * BUDGET_SHARE - spent - (time.perf_counter() - started)
+    epochs = epochs_for_budget(left, step_s, eval_s, task.per_epoch)
     if not quiet:
-        print(f"budget: {step_s * 1000:.0f} ms per step, {eval_s:.1f} s per validation measured -> {epochs:g} epochs "
-              f"of {task.per_epoch} steps in {budget:g} min", file=sys.stderr)
+        print(f"budget {budget:g} min: {step_s * 1000:.0f} ms per step and {eval_s:.1f} s per validation measured "
+              f"-> {epochs:g} epochs of {task.per_epoch} steps", file=sys.stderr)
     return epochs
 
 
