@@ -309,8 +309,10 @@ def _budget_epochs(budget: float, spent: float, net: MlpMixer, task: "VisionTask
     return epochs
 
 
-BUDGET_SHARE = 0.9
-"""The share of ``--budget`` given to training and validation; the rest covers checkpoints and start-up."""
+BUDGET_SHARE = 0.8
+"""The share of ``--budget`` planned for training and validation at the probed speed (start-up is subtracted
+first): whole runs measured 1.2-1.35x slower per step than the probe (logging, checkpoints, the probe's
+spread); 3-minute budgets took 176.7 s (this share) and 179.6 s (0.9), docs/vision.md."""
 
 
 def resume_vision(out: str | os.PathLike, *, changes: dict | None = None, quiet: bool = False,
