@@ -59,3 +59,19 @@ def test_tuned_needs_a_tuning_budget(sonnet_file, tmp_path, capsys):
     assert main(["study", "mlm", "--schedules", "tuned", "--text-file", str(sonnet_file),
                  "--out", str(tmp_path / "s")]) == 2
     assert "needs --tune-steps" in capsys.readouterr().err
+
+
+def test_report_only_reports_finished_runs_names_the_rest_and_trains_nothing(sonnet_file, tmp_path, capsys):
+    out = tmp_path / "study"
+    common = ["study", "mlm", "--steps", "3", "--schedules", "seed", "--text-file", str(sonnet_file),
+              "--out", str(out), *TINY]
+    assert main([*common, "--seeds", "1", "--mixers", "mlp"]) == 0
+    before = sorted(p.name for p in out.iterdir())
+    capsys.readouterr()
+    assert main([*common, "--seeds", "2", "--mixers", "mlp,gmlp", "--report-only"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == before, "report-only trains nothing"
+    table = (out / "study.md").read_text()
+    assert "| seed | mlp | 1 |" in table and "| seed | gmlp |" not in table
+    assert "Not finished yet" in table and "seed mlp seed 1" in table and "seed gmlp seed 0" in table
+    assert main([*common, "--seeds", "1", "--mixers", "gmlp", "--report-only"]) == 2
+    assert "nothing to report" in capsys.readouterr().err

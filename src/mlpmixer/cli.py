@@ -196,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--corpus", default="shakespeare", choices=("shakespeare", "tinyshakespeare"))
     source.add_argument("--text-file", metavar="PATH")
     study.add_argument("--out", default=None, help="study directory (default: runs/study-TASK)")
+    study.add_argument("--report-only", action="store_true", help="train nothing: write study.md and study.png "
+                       "from the runs finished so far (e.g. while another process trains the rest), naming the missing ones")
     study.set_defaults(handler=cmd_study)
 
     evaluate = commands.add_parser("evaluate", help="a trained run's validation metrics, on its own or new data",
@@ -349,7 +351,8 @@ def cmd_study(args: argparse.Namespace) -> int:
                         tune_steps=args.tune_steps, tune_lrs=floats("--tune-lrs", args.tune_lrs),
                         tune_warmups=floats("--tune-warmups", args.tune_warmups),
                         tune_positions=tuple(p.strip() for p in args.tune_positions.split(",") if p.strip()),
-                        batch_size=args.batch_size, max_val_windows=args.max_val_windows)
+                        batch_size=args.batch_size, max_val_windows=args.max_val_windows,
+                        report_only=args.report_only)
     print(md.read_text(encoding="utf-8"))
     print(f"wrote {md} and {png}")
     return 0

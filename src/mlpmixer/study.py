@@ -147,6 +147,11 @@ class Cell:
     seed: int
     key: str
     path: Path
+    steps: int
+
+    def finished(self) -> bool:
+        """Whether the run in ``path`` reached its last validation (``steps``)."""
+        return runs.is_run(self.path) and runs.has_model(self.path) and _finished(Run.load(self.path), self.steps)
 
 
 def mixers_for(task: str, mixers: tuple[str, ...] | None = None) -> tuple[Contender, ...]:
@@ -183,12 +188,14 @@ def run_study(task: str, out: str | os.PathLike, *, steps: int, seeds: int, sour
               schedules: tuple[str, ...] = ("seed", "adamw"), mixers: tuple[str, ...] | None = None,
               model_fields: dict | None = None, batch_size: int = 64, max_val_windows: int | None = 2000,
               tune_steps: int = 0, tune_lrs: tuple[float, ...] = (1e-3, 3e-3), tune_warmups: tuple[float, ...] = (0.1,),
-              tune_positions: tuple[str, ...] = ("seed", "unscaled", "rotary"), quiet: bool = True) -> tuple[Path, Path]:
+              tune_positions: tuple[str, ...] = ("seed", "unscaled", "rotary"), quiet: bool = True,
+              report_only: bool = False) -> tuple[Path, Path]:
     """Train every (schedule, contender, seed) cell under ``out`` (reusing finished ones) and report.
 
     The schedule ``tuned`` runs each contender at its own best setting of the same sweep (`sweep`: AdamW
     peak rate × warm-up × position options), each setting trained once for ``tune_steps`` steps with a
     tuning seed (1000) that no compared run uses, and chosen on the validation metric.
+    ``report_only`` trains nothing: the report covers the finished runs and names the missing ones.
     """
     if task not in METRIC:
         raise UsageError(f"unknown study task {task!r}; choose mlm or lm")
@@ -206,7 +213,7 @@ def run_study(task: str, out: str | os.PathLike, *, steps: int, seeds: int, sour
     out = study_dir(Path(out))
     text = source.read()
     context = _Context(task, text, runs.fingerprint_text(text), source, batch_size, max_val_windows, quiet,
-                       model_fields or {})
+                       model_fields or {}, report_only)
     best: dict[str, tuple[Setting, float]] = {}
     tuning: list[tuple[Contender, Setting, Cell]] = []
     if "tuned" in schedules:
@@ -215,12 +222,16 @@ def run_study(task: str, out: str | os.PathLike, *, steps: int, seeds: int, sour
                 cell = context.cell(out / "tuning", setting.slug, contender, setting.schedule(), tune_steps, TUNE_SEED,
                                     POSITIONS[setting.positions])
                 tuning.append((contender, setting, cell))
-            best[contender.name] = _best(task, [(s, c) for k, s, c in tuning if k == contender])
+            tried = [(s, c) for k, s, c in tuning if k == contender]
+            if all(c.finished() for _, c in tried):
+                best[contender.name] = _best(task, tried)
     cells = []
     for schedule in schedules:
         for seed in range(seeds):
             for contender in contenders:
                 if schedule == "tuned":
+                    if contender.name not in best:  # report_only, its sweep unfinished
+                        continue
                     setting = best[contender.name][0]
                     cells.append(context.cell(out, "tuned", contender, setting.schedule(), steps, seed,
                                               POSITIONS[setting.positions]))
@@ -243,6 +254,7 @@ class _Context:
     max_val_windows: int | None
     quiet: bool
     model_fields: dict
+    report_only: bool = False
 
     def cell(self, folder: Path, schedule_name: str, contender: Contender, schedule: Schedule, steps: int, seed: int,
              extra_fields: dict | None = None) -> "Cell":
@@ -253,9 +265,10 @@ class _Context:
         key = cell_key(cell_identity(self.task, dataclasses.asdict(config), dataclasses.asdict(train),
                                      self.fingerprint, self.max_val_windows))
         cell = Cell(schedule_name, contender.name, seed, key,
-                    folder / f"{schedule_name}-{contender.slug}-seed{seed}-{key}")
-        folder.mkdir(parents=True, exist_ok=True)
-        train_cell(self.task, cell, fields, train, self.source, self.max_val_windows, self.quiet)
+                    folder / f"{schedule_name}-{contender.slug}-seed{seed}-{key}", steps)
+        if not self.report_only:
+            folder.mkdir(parents=True, exist_ok=True)
+            train_cell(self.task, cell, fields, train, self.source, self.max_val_windows, self.quiet)
         return cell
 
 
@@ -299,32 +312,42 @@ def train_cell(task: str, cell: Cell, fields: dict, train: TrainConfig, source: 
 
 def write_report(task: str, out: Path, cells: list[Cell], seeds: int, tuning: list | None = None,
                  best: dict | None = None) -> tuple[Path, Path]:
+    """study.md and study.png from the finished ``cells``; unfinished ones are named, not reported."""
     key, label, higher = METRIC[task]
     groups: dict[tuple[str, str], list[Run]] = {}
+    missing = [c for c in cells if not c.finished()]
+    if len(missing) == len(cells):
+        raise UsageError(f"no run of this study has finished yet in {str(out)!r}; nothing to report")
     for cell in cells:
-        groups.setdefault((cell.schedule, cell.mixer), []).append(Run.load(cell.path))
+        if cell not in missing:
+            groups.setdefault((cell.schedule, cell.mixer), []).append(Run.load(cell.path))
     lines = [f"# Study: token mixers compared ({task})", "",
-             f"Final validation {label} ({'higher' if higher else 'lower'} is better), mean ± std over {seeds} "
-             f"seed(s); tokens/s is the median training throughput, wall time the mean per run. Each run is in "
+             f"Final validation {label} ({'higher' if higher else 'lower'} is better), mean ± std over the "
+             f"finished seeds of the {seeds} asked for (column seeds); tokens/s is the median training throughput, wall time the mean per run. Each run is in "
              f"`SCHEDULE-MIXER-seedN-KEY/`, KEY a hash of its whole configuration.", "",
-             f"| schedule | mixer | final {key} | best {key} | parameters | tokens/s | wall time |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             f"| schedule | mixer | seeds | final {key} | best {key} | parameters | tokens/s | wall time |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for (schedule, mixer), group in groups.items():
         finals = [r.val[-1][key] for r in group]
         bests = [(max if higher else min)(v[key] for v in r.val) for r in group]
         rates = [r.tokens_per_s for r in group]
         walls = [r.wall_s for r in group]
-        lines.append(f"| {schedule} | {mixer} | {_mean_std(finals)} | {_mean_std(bests)} | {group[0].parameters:,} | "
+        lines.append(f"| {schedule} | {mixer} | {len(group)} | {_mean_std(finals)} | {_mean_std(bests)} | "
+                     f"{group[0].parameters:,} | "
                      f"{statistics.median(rates):,.0f} | {statistics.mean(walls):.0f} s |")
+    if missing:
+        lines += ["", f"Not finished yet, so not in the table ({len(missing)}): " +
+                  ", ".join(f"{c.schedule} {c.mixer} seed {c.seed}" for c in missing) + "."]
     if best:
         lines += ["", "Each contender's own best setting (the `tuned` rows), chosen on validation from the same sweep:",
                   "", "| mixer | chosen setting | its sweep result |", "|---|---|---:|"]
         lines += [f"| {name} | {setting.name} | {value:.4f} |" for name, (setting, value) in best.items()]
     if tuning:
-        steps = Run.load(tuning[0][2].path).val[-1]["step"]
+        steps = tuning[0][2].steps
         lines += ["", f"The sweep: every setting once, {steps} steps, seed {TUNE_SEED}, final validation {key}:", "",
                   "| mixer | setting | " + key + " |", "|---|---|---:|"]
-        lines += [f"| {c.name} | {s.name} | {Run.load(cell.path).val[-1][key]:.4f} |" for c, s, cell in tuning]
+        lines += [f"| {c.name} | {s.name} | " + (f"{Run.load(cell.path).val[-1][key]:.4f} |" if cell.finished()
+                  else "not finished |") for c, s, cell in tuning]
     md = out / "study.md"
     atomic_write(md, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n", encoding="utf-8"))
     return md, _plot(task, groups, key, label, out / "study.png")
@@ -352,6 +375,8 @@ def _plot(task: str, groups: dict, key: str, label: str, path: Path) -> Path:
     fig, axes = plt.subplots(1, len(schedules), figsize=(5.5 * len(schedules), 4.4), squeeze=False, sharey=True)
     for ax, schedule in zip(axes[0], schedules):
         for i, mixer in enumerate(mixers):
+            if (schedule, mixer) not in groups:  # none of its seeds finished yet
+                continue
             group = groups[(schedule, mixer)]
             steps = [v["step"] for v in group[0].val]
             values = np.array([[v[key] for v in r.val][: len(steps)] for r in group])
