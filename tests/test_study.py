@@ -75,3 +75,24 @@ def test_report_only_reports_finished_runs_names_the_rest_and_trains_nothing(son
     assert "Not finished yet" in table and "seed mlp seed 1" in table and "seed gmlp seed 0" in table
     assert main([*common, "--seeds", "1", "--mixers", "gmlp", "--report-only"]) == 2
     assert "nothing to report" in capsys.readouterr().err
+
+
+def test_a_cell_another_process_trains_is_left_to_it(sonnet_file, tmp_path, capsys, monkeypatch):
+    import mlpmixer.study as study
+    from mlpmixer.runs import RunBusy
+
+    real = study.train_cell
+
+    def busy_for_seed_1(task, cell, *args, **kwargs):
+        if cell.seed == 1:
+            raise RunBusy(f"{cell.path} is being written by another mlpmixer process (PID 1)")
+        return real(task, cell, *args, **kwargs)
+
+    monkeypatch.setattr(study, "train_cell", busy_for_seed_1)
+    out = tmp_path / "study"
+    assert main(["study", "mlm", "--steps", "3", "--seeds", "2", "--schedules", "seed", "--mixers", "mlp",
+                 "--text-file", str(sonnet_file), "--out", str(out), *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "seed 1: being trained by another process, left to it" in printed
+    table = (out / "study.md").read_text()
+    assert "| seed | mlp | 1 |" in table and "seed mlp seed 1" in table.split("Not finished yet")[1]

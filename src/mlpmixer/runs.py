@@ -119,6 +119,10 @@ def best_metric(run: Path) -> float | None:
 
 # --- lock -------------------------------------------------------------------------------------------------
 
+class RunBusy(UsageError):
+    """Another process holds the run's lock: it is writing the run now."""
+
+
 class RunLock:
     """An exclusive ``flock`` on ``RUN/.mlpmixer.lock``, held while a process writes the run."""
 
@@ -133,7 +137,7 @@ class RunLock:
         except OSError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise UsageError(f"{str(self.path.parent)!r} is being written by another mlpmixer process (PID "
+            raise RunBusy(f"{str(self.path.parent)!r} is being written by another mlpmixer process (PID "
                              f"{holder}); wait for it to finish, stop it, or choose another --out") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

@@ -8,6 +8,8 @@ Each run (a *cell*) lives in a folder named by a hash of its whole configuration
 and training setting, the data's fingerprint, the validation size): a finished cell with the same
 key is reused, an unfinished one resumed, and any other configuration gets a folder of its own, so
 nothing finished is overwritten and no result is reported for a configuration it was not run with.
+Several study processes may share one folder (one per core): a cell that another process is training
+is left to it, and ``--report-only`` gathers everything at the end.
 """
 
 from __future__ import annotations
@@ -268,7 +270,11 @@ class _Context:
                     folder / f"{schedule_name}-{contender.slug}-seed{seed}-{key}", steps)
         if not self.report_only:
             folder.mkdir(parents=True, exist_ok=True)
-            train_cell(self.task, cell, fields, train, self.source, self.max_val_windows, self.quiet)
+            try:
+                train_cell(self.task, cell, fields, train, self.source, self.max_val_windows, self.quiet)
+            except runs.RunBusy:  # another study process on the same --out trains it: leave it to that one
+                print(f"study: {self.task} {cell.schedule} {cell.mixer} seed {cell.seed}: being trained by another "
+                      f"process, left to it", flush=True)
         return cell
 
 
