@@ -378,7 +378,8 @@ def _plot(task: str, groups: dict, key: str, label: str, path: Path) -> Path:
 
     schedules = list(dict.fromkeys(s for s, _ in groups))
     mixers = list(dict.fromkeys(m for _, m in groups))
-    fig, axes = plt.subplots(1, len(schedules), figsize=(5.5 * len(schedules), 4.4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(schedules), figsize=(max(5.5 * len(schedules), 9.5), 4.4), squeeze=False,
+                             sharey=True)  # wide enough for the title with one panel
     for ax, schedule in zip(axes[0], schedules):
         for i, mixer in enumerate(mixers):
             if (schedule, mixer) not in groups:  # none of its seeds finished yet
