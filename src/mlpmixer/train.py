@@ -306,10 +306,13 @@ def choose_threads(requested: int, model: nn.Module, ctx: distributed.Dist) -> t
     return idle, f"{cores} cores, {busy:.1f} busy with other work"
 
 
-def time_step(model: nn.Module, task: Task, config: TrainConfig, d_model: int, steps: int = 6) -> tuple[float, float]:
+def time_step(model: nn.Module, task: Task, config: TrainConfig, d_model: int, out: Path,
+              steps: int = 6) -> tuple[float, float]:
     """Seconds per training step (median of ``steps`` after one warm-up step) and for one validation
-    pass, measured on a copy of ``model`` with the thread count `fit` will use: what ``--budget`` fits
-    the epochs to. The model, the task's order and the global random state are left as they were."""
+    pass, measured on a copy of ``model`` with the step `fit` runs (`_Loop.train_step`) and the thread
+    count it will use: what ``--budget`` fits the epochs to. ``out`` is the run folder to come (named
+    if the probe's loss is not finite). The model, the task's order and the global random state are
+    left as they were."""
     ctx = distributed.Dist(device=resolve_device(config.device))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("--budget fits one process's speed; under torchrun give --epochs or --steps instead")
@@ -318,20 +321,17 @@ def time_step(model: nn.Module, task: Task, config: TrainConfig, d_model: int, s
     torch.set_num_threads(threads)
     try:
         probe = copy.deepcopy(model).to(ctx.device).train()
-        opt, _ = make_optimizer(probe, config, d_model)
+        loop = _Loop(probe, task, config, ctx, *make_optimizer(probe, config, d_model), out, quiet=True,
+                     tensorboard=False)
         generator = torch.Generator(ctx.device).manual_seed(config.seed)
         times = []
         for step in range(steps + 1):
             start = time.perf_counter()
-            with _autocast(ctx.device, config.precision):
-                loss, _ = task.loss(probe, task.batch(step, generator), generator)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            loop.train_step(task.batch(step, generator), generator, step)
             times.append(time.perf_counter() - start)
         start = time.perf_counter()
         probe.eval()
-        with torch.no_grad():
+        with torch.no_grad(), loop.autocast:  # as `_Loop.validate`
             task.evaluate_sums(probe)
         return statistics.median(times[1:]), time.perf_counter() - start
     finally:

@@ -235,6 +235,7 @@ def train_vision(model: str = AUTO, train: VisionTrainConfig | None = None,
     plan = _recipe_for(data) if model == AUTO and data_dir is not None else None
     model = "mixer_tiny_digits" if model == AUTO and plan is None else model
     chosen = dict(settings or {})  # what the caller set: it wins over the recipe
+    recipe_warmup = plan is not None and train is None and "warmup" not in chosen
     settings = chosen
     if plan is not None:
         if init is not None and not Path(init).is_dir():
@@ -258,11 +259,11 @@ def train_vision(model: str = AUTO, train: VisionTrainConfig | None = None,
     preprocess = _preprocess(data, net)
     task = VisionTask(data, preprocess, train, len(data.train.class_names), resolve_device(train.device))
     if budget is not None:
-        epochs = _budget_epochs(budget, time.perf_counter() - started, net, task, train, quiet)
+        epochs = _budget_epochs(budget, time.perf_counter() - started, net, task, train, Path(out), quiet)
     if epochs is not None:
         train = dataclasses.replace(steps_for_epochs(train, epochs, task.per_epoch), eval_every=task.per_epoch,
                                     ckpt_every=task.per_epoch, log_every=min(train.log_every, task.per_epoch))
-        if plan is not None and "warmup" not in chosen:
+        if recipe_warmup:
             train = dataclasses.replace(train, warmup=max(1, round(RECIPE_WARMUP * train.steps)))
     run_config = {"task": "vision", "model": net.config.to_dict(),
                   "data": {**data.source, "fingerprint": data.fingerprint()}, "class_names": data.train.class_names,
@@ -296,11 +297,11 @@ def _recipe_record(plan: Recipe | None, budget: float | None, epochs: float | No
 
 
 def _budget_epochs(budget: float, spent: float, net: MlpMixer, task: "VisionTask", train: VisionTrainConfig,
-                   quiet: bool) -> float:
+                   out: Path, quiet: bool) -> float:
     """Whole epochs that fit ``budget`` minutes, less the ``spent`` seconds of start-up, at the speed
     measured now (a few steps on a copy of the model)."""
     started = time.perf_counter()
-    step_s, eval_s = time_step(net, task, train, net.config.hidden_dim)
+    step_s, eval_s = time_step(net, task, train, net.config.hidden_dim, out)
     left = budget * 60 * BUDGET_SHARE - spent - (time.perf_counter() - started)
     epochs = epochs_for_budget(left, step_s, eval_s, task.per_epoch)
     if not quiet:
@@ -312,7 +313,7 @@ def _budget_epochs(budget: float, spent: float, net: MlpMixer, task: "VisionTask
 BUDGET_SHARE = 0.8
 """The share of ``--budget`` planned for training and validation at the probed speed (start-up is subtracted
 first): whole runs measured 1.2-1.35x slower per step than the probe (logging, checkpoints, the probe's
-spread); 3-minute budgets took 176.7 s (this share) and 179.6 s (0.9), docs/vision.md."""
+spread); 3-minute budgets took 166.6 s (this share, docs/vision.md) and 179.6 s (0.9, an earlier probe)."""
 
 
 def resume_vision(out: str | os.PathLike, *, changes: dict | None = None, quiet: bool = False,
@@ -340,8 +341,7 @@ def resume_vision(out: str | os.PathLike, *, changes: dict | None = None, quiet:
             runs.write_config(out, {**saved, "data": {**data.source, "fingerprint": fingerprint}})
         preprocess = Preprocess(**saved["preprocess"]) if isinstance(saved.get("preprocess"), dict) else \
             Preprocess(net.config.image_hw, net.config.in_chans, crop_pct=data.crop_pct)
-        task = VisionTask(dataclasses.replace(data, crop_pct=preprocess.crop_pct), preprocess, train,
-                          len(saved["class_names"]), resolve_device(train.device))
+        task = VisionTask(data, preprocess, train, len(saved["class_names"]), resolve_device(train.device))
         return _fit_vision(net, task, train, out, saved, resume=True, quiet=quiet, tensorboard=tensorboard)
 
 
