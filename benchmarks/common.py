@@ -1,9 +1,13 @@
-"""Shared benchmark machinery: interleaved timing, the same-run matmul peak, peak memory, Markdown.
+"""Shared benchmark machinery: timing each contender alone in its own process, the matmul peak,
+peak memory, Markdown.
 
-Timing: every contender (and the matmul that defines the peak) runs once per round, in turn, for
-``warmup`` untimed then ``reps`` timed rounds; we report the median per contender. Interleaving
-means that load from other processes on a shared machine hits all contenders alike, so ratios are
-stable even when absolute times are not.
+Timing (`time_alone`, the default): each contender (and the matmul that defines the peak, and the
+GEMM-only floor) runs **alone in a fresh process**: ``warmup`` untimed calls, then ``reps`` timed ones,
+whose median is that process's figure. Rounds alternate between the contenders' processes (the order
+reverses every round) and the reported figure is the median over rounds. Nothing else of ours shares
+the process, as when a user runs `mlpmixer train`. Measured on the MLM step (issue 17): timing
+contenders alternately inside one process (`timed_rounds`, the old method, ``--interleaved``) made the
+floor 27 % slower, labml-nn 11 % and mlpmixer 48 % at 2 threads, each figure hurt by the others' heap.
 
 Memory: each contender runs in a fresh subprocess (see `peak_memory`), with glibc's malloc told to
 serve every allocation >= 64 KiB by ``mmap`` (``MALLOC_MMAP_THRESHOLD_``), so freed tensors go back
@@ -22,15 +26,70 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 MMAP_THRESHOLD = 65536
 
 
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call: ``median`` over rounds of each round's process median (``rounds``)."""
+
+    median: float
+    rounds: tuple[float, ...]
+
+    def spread(self, unit: float = 1e3, digits: int = 1) -> str:
+        """The rounds' range, e.g. ``94.1–97.3``, in ``unit`` (ms by default)."""
+        return f"{min(self.rounds) * unit:.{digits}f}–{max(self.rounds) * unit:.{digits}f}"
+
+
+def time_alone(module: str, jobs: dict[Hashable, Sequence[str]], *, rounds: int, warmup: int, reps: int,
+               threads: int) -> dict[Hashable, Timing | str]:
+    """Time each job in a fresh ``python -m module --time-child ARGS...`` process, ``rounds`` times,
+    alternating (the order reverses every round). A job whose process fails maps to its error line."""
+    keys = list(jobs)
+    per: dict[Hashable, list[float]] = {k: [] for k in keys}
+    errors: dict[Hashable, str] = {}
+    for r in range(rounds):
+        for k in keys if r % 2 == 0 else keys[::-1]:
+            if k in errors:
+                continue
+            out = _run_child(module, ["--time-child", *jobs[k], "--warmup", str(warmup), "--reps", str(reps)],
+                             threads)
+            if "error" in out:
+                errors[k] = out["error"]
+            else:
+                per[k].append(statistics.median(out["seconds"]))
+    return {k: errors[k] if k in errors else Timing(statistics.median(per[k]), tuple(per[k])) for k in keys}
+
+
+def child_time(step: Callable[[], object], warmup: int, reps: int) -> None:
+    """In a timing child: run ``step`` ``warmup`` times, then print the seconds of ``reps`` calls as JSON."""
+    for _ in range(warmup):
+        step()
+    seconds = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step()
+        seconds.append(time.perf_counter() - t0)
+    print(json.dumps({"seconds": seconds}))
+
+
+def _run_child(module: str, args: list[str], threads: int, env: dict[str, str] | None = None) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), **(env or {})}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, cwd=root)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def timed_rounds(contenders: dict[str, Callable[[], object]], warmup: int, reps: int) -> dict[str, float]:
-    """Median seconds per call of each contender, run alternately (one call each per round)."""
+    """Median seconds per call of each contender, run alternately in this process (one call each per
+    round): the old method, kept to show how much it moves the figures (``--interleaved``)."""
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for r in range(warmup + reps):
         for name, fn in contenders.items():
@@ -76,6 +135,11 @@ def bf16_native() -> tuple[bool, str]:
     if not native:
         return False, "the CPU flags have neither avx512_bf16 nor amx_bf16"
     return True, "CPU flags: " + ", ".join(native)
+
+
+def header_conditions() -> str:
+    """The machine's load average and CPU count, for a table's header."""
+    return f"load average at start {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs"
 
 
 def cpu_name() -> str:
@@ -132,13 +196,7 @@ def measure_peak(step: Callable[[], object], warmup: int = 1, steps: int = 2) ->
 
 def peak_memory(module: str, *args: str, threads: int = 2) -> dict:
     """Run ``python -m module --memory-child args`` in a fresh process; it prints one JSON line."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "OMP_NUM_THREADS": str(threads)}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-m", module, "--memory-child", *args], capture_output=True, text=True,
-                         env=env, cwd=root)
-    if out.returncode != 0:
-        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _run_child(module, ["--memory-child", *args], threads, {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)})
 
 
 def child_report(step: Callable[[], object], baseline_kib: int, warmup: int = 1, steps: int = 2) -> None:

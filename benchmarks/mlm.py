@@ -96,8 +96,51 @@ def batch(s: Seed, seed: int = 0) -> tuple[Tensor, Tensor]:
     return mask_tokens(ids, mask_id=1, vocab_size=s.vocab_size, special_ids=(0, 1), generator=g)
 
 
+def floor_step(s: Seed, dtype: torch.dtype | None = None):
+    """The step's matrix products alone, at their real shapes, and nothing else: the GEMM-only floor.
+
+    Per layer, the token MLP (Eq. 1, weights from the left over the B·D columns) and the channel MLP
+    (Eq. 2, from the right over the B·N tokens), each as its two forward products and the four
+    backward ones (the gradients of both weights and of both inputs); then the head's forward product
+    and its two backward ones. Outputs are preallocated, so the figure is the products' own time, in
+    ``dtype`` (fp32 when None) as autocast would run them.
+    """
+    dt = dtype or torch.float32
+    g = torch.Generator().manual_seed(0)
+    n, cols, rows = s.seq_len, s.batch * s.d_model, s.batch * s.seq_len
+
+    def r(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=g).to(dt)
+
+    products = []  # (a, b, out): out = a @ b
+
+    def mm(a: Tensor, b: Tensor) -> None:
+        products.append((a, b, torch.empty(a.shape[0], b.shape[1], dtype=dt)))
+
+    for _ in range(s.n_layers):
+        # token mixing: h = W1 (D_S, N) · X (N, B·D); y = W2 (N, D_S) · σ(h) (D_S, B·D)
+        w1, x, w2, hid, dy = r(s.tokens_mlp_dim, n), r(n, cols), r(n, s.tokens_mlp_dim), r(s.tokens_mlp_dim, cols), r(n, cols)
+        mm(w1, x), mm(w2, hid)                                      # forward
+        mm(dy, hid.t()), mm(w2.t(), dy), mm(hid, x.t()), mm(w1.t(), hid)  # dW2, dσ, dW1, dX
+        # channel mixing: h = X (B·N, D) · W1ᵀ (D, D_C); y = σ(h) (B·N, D_C) · W2ᵀ (D_C, D)
+        x, w1, w2, hid, dy = r(rows, s.d_model), r(s.d_ff, s.d_model), r(s.d_model, s.d_ff), r(rows, s.d_ff), r(rows, s.d_model)
+        mm(x, w1.t()), mm(hid, w2.t())
+        mm(dy.t(), hid), mm(dy, w2), mm(hid.t(), x), mm(hid, w1)
+    x, w, dy = r(rows, s.d_model), r(s.vocab_size, s.d_model), r(rows, s.vocab_size)  # the head
+    mm(x, w.t()), mm(dy.t(), x), mm(dy, w)
+
+    def step() -> None:
+        for a, b, out in products:
+            torch.mm(a, b, out=out)
+
+    return step
+
+
 def make_step(name: str, s: Seed, dtype: torch.dtype | None = None):
-    """A closure running one training step of contender ``name`` (one of ``OURS``, or "labml")."""
+    """A closure running one training step of contender ``name`` (one of ``OURS``, "labml", or "floor":
+    `floor_step`)."""
+    if name == "floor":
+        return floor_step(s, dtype)
     torch.manual_seed(0)
     model = (labml_model(s) if name == "labml" else ours_model(s, OURS[name])).train()
     opt = common.adamw(model.parameters())
@@ -128,50 +171,83 @@ def make_step(name: str, s: Seed, dtype: torch.dtype | None = None):
 CONTENDERS = ("mlpmixer", "labml", "mlpmixer-fourier", "mlpmixer-gmlp")
 
 
-def run(warmup: int, reps: int, threads: int = 2, dtype: torch.dtype | None = None) -> str:
-    torch.set_num_threads(threads)
+def run(rounds: int, warmup: int, reps: int, threads: int = 2, dtype: torch.dtype | None = None,
+        interleaved: bool = False, contenders: tuple[str, ...] = CONTENDERS, memory: bool = True) -> str:
+    """The MLM table: each contender, the GEMM-only floor and the 2048² matmul peak timed alone in their
+    own processes (`common.time_alone`), or, ``interleaved``, alternately in this one (the old method)."""
     s = Seed()
     try:
         import labml_nn  # noqa: F401
-        names, skipped = CONTENDERS, ""
+        names, skipped = contenders, ""
     except ImportError:
-        names, skipped = tuple(OURS), "\nlabml-nn is not installed (pip install -e '.[bench]'); reference skipped.\n"
+        names = tuple(n for n in contenders if n != "labml")
+        skipped = "\nlabml-nn is not installed (pip install -e '.[bench]'); reference skipped.\n"
     label = "bf16 autocast" if dtype is not None else "fp32"
-    mm, mm_flops = common.matmul(dtype=dtype or torch.float32)
-    fns = {"peak": mm, **{n: make_step(n, s, dtype) for n in names}}
-    med = common.timed_rounds(fns, warmup, reps)
-    peak = mm_flops / med["peak"]
     extra = ("bf16",) if dtype is not None else ()
-    memory = {n: common.peak_memory("benchmarks.mlm", n, *extra, threads=threads) for n in names}
+    jobs = {n: (n, *extra) for n in ("peak", "floor", *names)}
+    if interleaved:
+        torch.set_num_threads(threads)
+        fns = {n: make_step(n, s, dtype) if n != "peak" else common.matmul(dtype=dtype or torch.float32)[0]
+               for n in jobs}
+        med = {n: common.Timing(t, (t,)) for n, t in common.timed_rounds(fns, warmup, rounds * reps).items()}
+        method = f"all in this process, alternating, {warmup} warm-up + {rounds * reps} timed rounds, medians"
+    else:
+        med = common.time_alone("benchmarks.mlm", jobs, rounds=rounds, warmup=warmup, reps=reps, threads=threads)
+        method = (f"each alone in its own process, {rounds} alternating rounds of {warmup} warm-up + {reps} timed "
+                  f"steps; median of the rounds' medians, their range in brackets")
+    mm_flops = 2.0 * 2048 ** 3  # common.matmul's
+    failed = {n: m for n, m in med.items() if isinstance(m, str)}
+    if "peak" in failed or "floor" in failed:
+        return f"### MLM: the peak or the floor failed: {failed}"
+    peak, floor = mm_flops / med["peak"].median, med["floor"].median
+    memory_of = {n: common.peak_memory("benchmarks.mlm", n, *extra, threads=threads) if memory else {}
+                 for n in names}
+    ref = med.get("labml")
     rows = []
-    for n in names:
+    for n in ("floor", *names):
         t = med[n]
-        achieved = s.flops(OURS.get(n, "mlp")) / t
-        mem = memory[n]
-        rows.append([n, f"{t * 1e3:.1f}", f"{s.batch * s.seq_len / t:,.0f}",
-                     f"{med['labml'] / t:.2f}×" if "labml" in med else "—",
+        if isinstance(t, str):
+            rows.append([n, t, "", "", "", "", "", ""])
+            continue
+        achieved = s.flops(OURS.get(n, "mlp")) / t.median
+        mem = memory_of.get(n, {})
+        rows.append(["GEMM-only floor" if n == "floor" else n, f"{t.median * 1e3:.1f} ({t.spread()})",
+                     f"**{t.median / floor:.2f}×**" if n != "floor" else "1.00×",
+                     f"{s.batch * s.seq_len / t.median:,.0f}",
+                     f"{ref.median / t.median:.2f}×" if isinstance(ref, common.Timing) and n != "floor" else "—",
                      common.gflops(achieved), f"{achieved / peak:.0%}",
-                     common.mib(mem["peak_bytes"]) if "peak_bytes" in mem else mem.get("error")])
-    head = (f"### MLM seed configuration, {label} training step ({threads} threads, {warmup} warm-up + {reps} "
-            f"timed rounds, medians)\n\nFLOPs/step {s.flops() / 1e9:.2f} G; {label} matmul peak this run "
-            f"{common.gflops(peak)} GFLOP/s (2048² torch.mm).\n{skipped}\n")
-    return head + common.table(["model", "ms/step", "tokens/s", "vs labml", "GFLOP/s", "of peak", "peak memory"],
-                               rows)
+                     common.mib(mem["peak_bytes"]) if "peak_bytes" in mem else mem.get("error", "—")])
+    head = (f"### MLM seed configuration, {label} training step, {threads} thread{'s' * (threads > 1)}\n\n"
+            f"Timing: {method}. FLOPs/step {s.flops() / 1e9:.2f} G (matrix products); {label} 2048² matmul peak "
+            f"{common.gflops(peak)} GFLOP/s. × floor: the step's time over its matrix products' alone.\n{skipped}\n")
+    return head + common.table(["model", "ms/step", "× floor", "tokens/s", "vs labml", "GFLOP/s", "of peak",
+                                "peak memory"], rows)
 
 
-def _child(name: str, *rest: str) -> None:
+def _step(name: str, bf16: bool):
+    if name == "peak":
+        return common.matmul(dtype=torch.bfloat16 if bf16 else torch.float32)[0]
+    return make_step(name, Seed(), torch.bfloat16 if bf16 else None)
+
+
+def _memory_child(name: str, *rest: str) -> None:
     common.warm_libraries()
     baseline = common.rest_kib()
     common.child_report(make_step(name, Seed(), torch.bfloat16 if "bf16" in rest else None), baseline)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description="The MLM table alone; python -m benchmarks.run runs every section.")
     parser.add_argument("--memory-child", nargs="+")
+    parser.add_argument("--time-child", nargs="+")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if args.memory_child:
-        _child(*args.memory_child)
+        _memory_child(*args.memory_child)
+    elif args.time_child:
+        common.child_time(_step(args.time_child[0], "bf16" in args.time_child[1:]), args.warmup, args.reps)
     else:
-        print(run(args.warmup, args.reps))
+        print(run(args.rounds, args.warmup, args.reps, args.threads))

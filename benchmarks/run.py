@@ -1,16 +1,17 @@
 """All benchmarks, printed as Markdown: ``python -m benchmarks.run [--quick] [--only SECTION ...]``.
 
-Sections: mlm (seed configuration vs labml-nn), vision (S/16 and B/16 vs mlp-mixer-pytorch and timm),
-scaling (token mixer time vs N, also writes docs/scaling.png), checkpointing (B/16 memory and time).
-bf16 autocast rows are added where the CPU multiplies bf16 natively. The full run takes about ten
-minutes on two cores; ``--quick`` (smaller batches, fewer rounds) about five.
+Sections: mlm (the seed configuration's training step beside its GEMM-only floor, vs labml-nn), vision
+(S/16 and B/16 vs mlp-mixer-pytorch and timm), scaling (token mixer time vs N, also writes
+docs/scaling.png), checkpointing (B/16 memory and time). bf16 autocast rows are added where the CPU
+multiplies bf16 natively. mlm and vision time every contender alone in its own process, rounds
+alternating (``--interleaved``: the old method, all in this process). Run it on an idle machine: the
+header prints the load average.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import platform
 import time
 
@@ -25,33 +26,47 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller batches and fewer rounds")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
-    parser.add_argument("--threads", type=int, default=2, help="intra-op CPU threads (default 2)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[2],
+                        help="intra-op CPU threads; several values give a set of tables for each (default 2)")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast rows")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="alternating rounds of fresh processes per contender (default 3, --quick 2)")
+    parser.add_argument("--interleaved", action="store_true",
+                        help="the old method: time the mlm and vision contenders alternately in this one process")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory columns (faster)")
     parser.add_argument("--plot", default="docs/scaling.png", help="where the scaling plot goes ('' for none)")
     args = parser.parse_args(argv)
-    q = args.quick
+    rounds = args.rounds or (2 if q else 3)
     bf16, why = common.bf16_native()
-    print(f"## mlpmixer benchmarks, {datetime.date.today()}\n\n{common.cpu_name()}, {args.threads} threads, "
+    threads = ", ".join(map(str, args.threads))
+    print(f"## mlpmixer benchmarks, {datetime.date.today()}\n\n{common.cpu_name()}, threads {threads}, "
           f"torch {torch.__version__}, Python {platform.python_version()}; bf16: "
-          f"{'native' if bf16 else 'not native'} ({why}); load average at start "
-          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs{' — quick mode' if q else ''}\n")
+          f"{'native' if bf16 else 'not native'} ({why}); {common.header_conditions()}{' — quick mode' if q else ''}\n")
     dtypes = [None] + ([torch.bfloat16] if bf16 and not args.no_bf16 else [])
     for section in args.only:
-        start = time.perf_counter()
-        if section == "mlm":
-            for dtype in dtypes:
-                print(mlm.run(2 if q else 3, 5 if q else 10, args.threads, dtype=dtype), "\n")
-        elif section == "vision":
-            models = {"mixer_s16_224": 8, "mixer_b16_224": 4} if q else {"mixer_s16_224": 32, "mixer_b16_224": 8}
-            for dtype in dtypes:
-                print(vision.run(models, 1, 2 if q else 3, args.threads, dtype=dtype), "\n")
-        elif section == "scaling":
-            lengths = scaling.LENGTHS[:-1] if q else scaling.LENGTHS
-            print(scaling.run(8, 1, 3 if q else 5, args.threads, lengths=lengths, plot=args.plot or None), "\n")
-        elif section == "checkpointing":
-            print(checkpointing.run(4 if q else 8, 16 if q else 32, 1, 2 if q else 3, args.threads), "\n")
-        print(f"<!-- {section}: {time.perf_counter() - start:.0f} s -->\n")
+        for n_threads in args.threads:
+            start = time.perf_counter()
+            run_section(section, n_threads, dtypes, rounds, args)
+            print(f"<!-- {section}, {n_threads} threads: {time.perf_counter() - start:.0f} s; "
+                  f"{common.header_conditions()} at its end -->\n")
 
+
+def run_section(section: str, threads: int, dtypes: list, rounds: int, args: argparse.Namespace) -> None:
+    q = args.quick
+    if section == "mlm":
+        for dtype in dtypes:
+            print(mlm.run(rounds, 2 if q else 3, 5 if q else 10, threads, dtype=dtype,
+                          interleaved=args.interleaved, memory=not args.no_memory), "\n")
+    elif section == "vision":
+        models = {"mixer_s16_224": 8, "mixer_b16_224": 4} if q else {"mixer_s16_224": 32, "mixer_b16_224": 8}
+        for dtype in dtypes:
+            print(vision.run(models, rounds, 1, 2 if q else 3, threads, dtype=dtype,
+                             memory=not args.no_memory, interleaved=args.interleaved), "\n")
+    elif section == "scaling":
+        lengths = scaling.LENGTHS[:-1] if q else scaling.LENGTHS
+        print(scaling.run(8, 1, 3 if q else 5, threads, lengths=lengths, plot=args.plot or None), "\n")
+    elif section == "checkpointing":
+        print(checkpointing.run(4 if q else 8, 16 if q else 32, 1, 2 if q else 3, threads), "\n")
 
 if __name__ == "__main__":
     main()

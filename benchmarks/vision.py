@@ -110,38 +110,63 @@ def model_step(contender: str, name: str, train: bool, dtype: torch.dtype | None
     return step
 
 
-def run(models: dict[str, int], warmup: int, reps: int, threads: int = 2, dtype: torch.dtype | None = None,
-        memory: bool = True) -> str:
-    """One table per model: train and inference rows per contender. ``models``: name -> batch."""
-    torch.set_num_threads(threads)
+def run(models: dict[str, int], rounds: int, warmup: int, reps: int, threads: int = 2,
+        dtype: torch.dtype | None = None, memory: bool = True, interleaved: bool = False) -> str:
+    """One table per model: train and inference rows per contender. ``models``: name -> batch. Each
+    contender and the matmul peak alone in its own process (`common.time_alone`), or, ``interleaved``,
+    alternately in this one (the old method)."""
     names, skipped = available()
     label = "bf16 autocast" if dtype is not None else "fp32"
-    mm, mm_flops = common.matmul(dtype=dtype or torch.float32)
-    out = [f"### Vision, {label} ({threads} threads, {warmup} warm-up + {reps} timed rounds, medians)", ""]
+    extra = ["bf16"] if dtype is not None else []
+    how = (f"all in this process, alternating, {warmup} warm-up + {rounds * reps} timed rounds" if interleaved else
+           f"each alone in its own process, {rounds} alternating rounds of {warmup} warm-up + {reps} timed calls")
+    out = [f"### Vision, {label}, {threads} thread{'s' * (threads > 1)} ({how}; medians)", ""]
     out += [f"- {s}" for s in skipped]
     for name, batch in models.items():
-        fns = {"peak": mm}
+        jobs = {"peak": ("peak", *extra)}
         for mode in ("train", "infer"):
-            fns.update({(n, mode): make_step(n, name, batch, mode == "train", dtype) for n in names})
-        med = common.timed_rounds(fns, warmup, reps)
-        peak = mm_flops / med["peak"]
-        mem = {n: common.peak_memory("benchmarks.vision", n, name, str(batch), *(["bf16"] if dtype else []),
-                                     threads=threads) for n in names} if memory else {}
+            jobs.update({(n, mode): (n, name, str(batch), mode, *extra) for n in names})
+        if interleaved:
+            torch.set_num_threads(threads)
+            fns = {k: _step(*j) for k, j in jobs.items()}
+            med = {k: common.Timing(t, (t,)) for k, t in common.timed_rounds(fns, warmup, rounds * reps).items()}
+        else:
+            med = common.time_alone("benchmarks.vision", jobs, rounds=rounds, warmup=warmup, reps=reps,
+                                    threads=threads)
+        if isinstance(med["peak"], str):
+            out += ["", f"**{name}**: the matmul peak failed: {med['peak']}"]
+            continue
+        peak = 2.0 * 2048 ** 3 / med["peak"].median
+        mem = {n: common.peak_memory("benchmarks.vision", n, name, str(batch), *extra, threads=threads)
+               for n in names} if memory else {}
         rows = []
         for mode in ("train", "infer"):
             f = flops(name, batch, mode == "train")
             for n in names:
                 t = med[(n, mode)]
-                ref = med.get(("mlp-mixer-pytorch", mode))
-                timm_t = med.get(("timm", mode))
+                if isinstance(t, str):
+                    rows.append([n, mode, t, "", "", "", "", "", ""])
+                    continue
+                ref, timm_t = med.get(("mlp-mixer-pytorch", mode)), med.get(("timm", mode))
                 m = mem.get(n, {}) if mode == "train" else {}
-                rows.append([n, mode, f"{t:.2f}", f"{batch / t:.2f}", f"{ref / t:.2f}×" if ref else "—",
-                             f"{timm_t / t:.2f}×" if timm_t else "—", common.gflops(f / t), f"{f / t / peak:.0%}",
+                rows.append([n, mode, f"{t.median:.3f} ({t.spread(1, 3)})", f"{batch / t.median:.2f}",
+                             f"{ref.median / t.median:.2f}×" if isinstance(ref, common.Timing) else "—",
+                             f"{timm_t.median / t.median:.2f}×" if isinstance(timm_t, common.Timing) else "—",
+                             common.gflops(f / t.median), f"{f / t.median / peak:.0%}",
                              common.mib(m["peak_bytes"]) if "peak_bytes" in m else m.get("error", "")])
-        out += ["", f"**{name}**, batch {batch}; {label} matmul peak this run {common.gflops(peak)} GFLOP/s", "",
+        out += ["", f"**{name}**, batch {batch}; {label} 2048² matmul peak {common.gflops(peak)} GFLOP/s", "",
                 common.table(["model", "step", "s/step", "images/s", "vs mlp-mixer-pytorch", "vs timm", "GFLOP/s",
                               "of peak", "train peak memory"], rows)]
     return "\n".join(out)
+
+
+def _step(contender: str, *rest: str):
+    """The call a timing child times: ``peak [bf16]`` or ``CONTENDER NAME BATCH train|infer [bf16]``."""
+    bf16 = "bf16" in rest
+    if contender == "peak":
+        return common.matmul(dtype=torch.bfloat16 if bf16 else torch.float32)[0]
+    name, batch, mode = rest[:3]
+    return make_step(contender, name, int(batch), mode == "train", torch.bfloat16 if bf16 else None)
 
 
 def _child(contender: str, name: str, batch: str, *rest: str) -> None:
@@ -156,10 +181,15 @@ def _child(contender: str, name: str, batch: str, *rest: str) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description="The vision tables alone; python -m benchmarks.run runs every section.")
     parser.add_argument("--memory-child", nargs="+")
+    parser.add_argument("--time-child", nargs="+")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
     if args.memory_child:
         _child(*args.memory_child)
+    elif args.time_child:
+        common.child_time(_step(*args.time_child), args.warmup, args.reps)
     else:
-        print(run({"mixer_s16_224": 8}, 1, 3, threads=1))
+        print(run({"mixer_s16_224": 8}, 2, 1, 3, threads=1))
