@@ -1,6 +1,6 @@
 """The fast paths equal the plain computations they replace, and the fast dropout has dropout's statistics.
 
-- `fused.mlp` (one autograd node, σ(h) recomputed in backward, dropout folded into the bias and W2)
+- `fused.mlp` (one autograd node, σ(h) kept or recomputed for backward, dropout folded into the bias and W2)
   against nn.Linear → σ → mask → nn.Linear under ordinary autograd, forward and every gradient;
 - sequence-first blocks and vision model against their batch-first forms;
 - gradient checkpointing against no checkpointing (dropout and drop-path replayed exactly);
@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlpmixer import MixerBlock, Mlp, MlpMixer, TokenMixingMlp
+from mlpmixer import MixerBlock, Mlp, MlpMixer, TokenMixingMlp, allocator, fused, rng
 from mlpmixer.fused import ACT_FORWARD, dropped_value, mlp
 from mlpmixer.layers import Dropout, activation_fn
 from mlpmixer.vision import VisionConfig
@@ -50,9 +50,16 @@ def mlp_shapes(left, k=7, m=11, hidden=5, out=None):
     return [x, (hidden, k), (hidden,), (out, hidden), (out,)]
 
 
+@pytest.fixture(params=["kept", "recomputed"])
+def activation_storage(request, monkeypatch):
+    """Both ways the fused node gets σ(h) back in backward: kept from forward (small), recomputed (large)."""
+    monkeypatch.setattr(fused, "KEEP_ACTIVATION_BYTES", 1 << 40 if request.param == "kept" else 0)
+    return request.param
+
+
 @pytest.mark.parametrize("left", [True, False])
 @pytest.mark.parametrize("act", ACTS)
-def test_fused_mlp_equals_plain_autograd(act, left):
+def test_fused_mlp_equals_plain_autograd(act, left, activation_storage):
     inputs = leaves(*mlp_shapes(left))
     fused_out = mlp(*inputs, act, left)
     plain_out = plain_mlp(*inputs, act, left)
@@ -64,7 +71,7 @@ def test_fused_mlp_equals_plain_autograd(act, left):
 @pytest.mark.parametrize("dropout", [None, 0.5])
 @pytest.mark.parametrize("m", [1, 3])
 @pytest.mark.parametrize("left", [True, False])
-def test_fused_mlp_never_writes_into_its_inputs(left, m, dropout):
+def test_fused_mlp_never_writes_into_its_inputs(left, m, dropout, activation_storage):
     """With one column the broadcast bias is already contiguous: it must still be copied, not accumulated into."""
     inputs = leaves(*mlp_shapes(left, k=1, m=m, hidden=1))
     before = [t.detach().clone() for t in inputs]
@@ -76,14 +83,14 @@ def test_fused_mlp_never_writes_into_its_inputs(left, m, dropout):
 
 
 @pytest.mark.parametrize("left", [True, False])
-def test_fused_mlp_passes_gradcheck(left):
+def test_fused_mlp_passes_gradcheck(left, activation_storage):
     inputs = leaves(*mlp_shapes(left, k=4, m=3, hidden=6))
     assert torch.autograd.gradcheck(lambda *t: mlp(*t, "gelu", left), inputs)
 
 
 @pytest.mark.parametrize("left", [True, False])
 @pytest.mark.parametrize("act", ACTS)
-def test_fused_dropout_equals_masking_the_activation(act, left):
+def test_fused_dropout_equals_masking_the_activation(act, left, activation_storage):
     """Same seed, same mask: the bias trick and W2 · 1/(1 − p') give exactly dropout(σ(h))."""
     drop = Dropout(0.3).train()
     inputs = leaves(*mlp_shapes(left, k=6, m=40, hidden=9))
@@ -325,3 +332,49 @@ def test_dropout_is_reproducible_from_the_seed():
     torch.manual_seed(9)
     b = drop.indicator(torch.Size((1001,)), torch.float32, dropped=True)
     assert torch.equal(a, b) and not torch.equal(a, drop.indicator(torch.Size((1001,)), torch.float32, True))
+
+
+def test_random_bits_are_the_same_at_any_thread_count_and_follow_the_seed():
+    """Big enough for the helper thread to draw the second half at 2 threads: the same bits as drawn serially."""
+    n = 8 * rng.PARALLEL_MIN_WORDS + 3  # 2 x PARALLEL_MIN_WORDS words and a partial one
+    previous = torch.get_num_threads()
+    draws = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            torch.manual_seed(11)
+            draws[threads] = torch.cat(rng.uniform_int16(n))
+    finally:
+        torch.set_num_threads(previous)
+    assert draws[1].dtype == torch.int16 and draws[1].numel() == n
+    assert torch.equal(draws[1], draws[2])
+    torch.manual_seed(12)
+    assert not torch.equal(torch.cat(rng.uniform_int16(n)), draws[1])
+    first, second = draws[1][: n // 2].double(), draws[1][n // 2:].double()
+    for half in (first, second):  # uniform on -32768 … 32767: mean -0.5, sd 65536 / sqrt(12)
+        assert abs(half.mean().item() + 0.5) < 5 * 65536 / math.sqrt(12 * half.numel())
+    assert abs(torch.corrcoef(torch.stack([first[:len(second) - 1], second[:len(second) - 1]]))[0, 1]) < 0.01
+
+
+def test_random_bits_cost_one_draw_of_torchs_generator():
+    """Gradient checkpointing replays masks by restoring torch's RNG state: the bits must come from it."""
+    torch.manual_seed(3)
+    rng.uniform_int16(1000)
+    after_bits = torch.rand(4)
+    torch.manual_seed(3)
+    torch.empty((), dtype=torch.int64).random_()
+    assert torch.equal(torch.rand(4), after_bits)
+
+
+def test_allocator_leaves_an_explicit_malloc_setting_alone(monkeypatch):
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
+    assert allocator._apply() == "malloc as set by MALLOC_*_THRESHOLD_"
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")
+    assert allocator._apply() == "malloc from LD_PRELOAD"
+
+
+def test_allocator_setting_is_made_once_and_said():
+    said = allocator.keep_freed_memory()
+    assert said == allocator.keep_freed_memory()
+    assert "glibc" in said or "unchanged" in said or "MALLOC" in said or "LD_PRELOAD" in said

@@ -6,8 +6,10 @@ Both mixing MLPs are this function, on different sides of the activations:
     right (channel mixing, Eq. 2): x (M, K) -> σ(x · W1ᵀ + b1) · W2ᵀ + b2     (from the right)
 
 Eager autograd keeps two hidden-size tensors per MLP for backward: the pre-activation h (for σ') and
-σ(h) (for W2's gradient). This node keeps only h and recomputes σ(h) in backward, which is one
-element-wise pass against a hidden-size tensor less memory per MLP. Dropout after σ is folded into
+σ(h) (for W2's gradient). When σ(h) is large (above `KEEP_ACTIVATION_BYTES`, 8 MiB: every vision
+model at a real batch) this node keeps only h and recomputes σ(h) in backward, one element-wise pass
+against a hidden-size tensor less memory per MLP; a small σ(h) (the MLM seed configuration's are 2 and
+4 MiB) is kept, which saves that pass where the memory is negligible (docs/benchmarks.md, issue 17). Dropout after σ is folded into
 the products (see `Dropout.indicator`): a dropped unit gets a huge negative value added to its bias,
 so σ is exactly 0 there and σ' exactly 0 too, and the 1/(1 − p) rescaling multiplies W2 (small)
 instead of the hidden layer (large). Bias adds ride in the matrix products (``addmm``).
@@ -32,6 +34,10 @@ ACT_BACKWARD_ = {  # (gradient w.r.t. σ(h), h) -> gradient w.r.t. h, written ov
     "relu": lambda g, h: torch.ops.aten.threshold_backward.grad_input(g, h, 0, grad_input=g),
     "silu": lambda g, h: torch.ops.aten.silu_backward.grad_input(g, h, grad_input=g),
 }
+
+
+KEEP_ACTIVATION_BYTES = 8 << 20
+"""σ(h) is kept for backward when it takes at most this many bytes, else recomputed there (see below)."""
 
 
 def dropped_value(dtype: torch.dtype) -> float:
@@ -86,20 +92,23 @@ class _Mlp(torch.autograd.Function):
         g = ACT_FORWARD[activation](h)
         w2s = w2 if scale == 1.0 else w2 * scale
         y = torch.addmm(b2[:, None], w2s, g) if left else torch.addmm(b2, g, w2s.t())
-        ctx.save_for_backward(x, w1, w2s, h)  # not g: recomputing it measured as fast as keeping it
+        keep = g.numel() * g.element_size() <= KEEP_ACTIVATION_BYTES
+        ctx.save_for_backward(x, w1, w2s, h, *((g,) if keep else ()))
         ctx.activation, ctx.left, ctx.scale = activation, left, scale
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: Tensor):
-        x, w1, w2s, h = ctx.saved_tensors
+        x, w1, w2s, h, *kept = ctx.saved_tensors
         left, scale = ctx.left, ctx.scale
-        # one hidden-size buffer serves σ(h), then its gradient, then h's: fewer fresh pages per step
-        buf = ACT_FORWARD[ctx.activation](h)  # σ(h), recomputed; dropped units are exactly 0 again
-        dw2 = dy @ buf.t() if left else dy.t() @ buf
+        g = kept[0] if kept else ACT_FORWARD[ctx.activation](h)  # σ(h), kept or recomputed; dropped units are 0
+        dw2 = dy @ g.t() if left else dy.t() @ g
         if scale != 1.0:
             dw2.mul_(scale)  # W2 entered as W2 · scale
+        # a recomputed σ(h) is ours to overwrite: one hidden-size buffer then serves σ(h), its gradient and
+        # h's (fewer fresh pages per step); a kept one belongs to the graph, which may run backward again
+        buf = torch.empty_like(g) if kept else g
         torch.mm(w2s.t(), dy, out=buf) if left else torch.mm(dy, w2s, out=buf)  # gradient w.r.t. σ(h)
         dh = ACT_BACKWARD_[ctx.activation](buf, h)
         dw1 = dh @ x.t() if left else dh.t() @ x

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import checkpoints, distributed, runs
+from . import allocator, checkpoints, distributed, runs
 from .data.windows import step_seed
 from .distributed import resolve_device  # noqa: F401  (re-exported for callers)
 
@@ -373,7 +373,7 @@ def _fit(model: nn.Module, task: Task, config: TrainConfig, out: Path, ctx: dist
     if resume and ctx.is_main and checkpoints.checkpoint_step(out) != start:
         checkpoints.save_weights(model, out / checkpoints.MODEL_FILE, step=start)  # repair a missing or cut model file
     loop = _Loop(model, task, config, ctx, opt, sched, out, quiet, tensorboard)  # validates before any write
-    environment = runs.environment(ctx.device, threads[0], ctx.world)
+    environment = {**runs.environment(ctx.device, threads[0], ctx.world), "malloc": allocator.keep_freed_memory()}
     if ctx.is_main:
         if not resume:
             out.mkdir(parents=True, exist_ok=True)
@@ -402,7 +402,7 @@ def summary(model: nn.Module, task: Task, config: TrainConfig, out: Path, enviro
         f"  steps {start:,} -> {config.steps:,} ({epochs:.2f} epochs), batch {config.batch_size} (global), "
         f"{config.optimizer} lr {config.lr:g}, warm-up {config.warmup}",
         f"  device {environment['device']}, {environment['threads']} thread(s) ({why}), world size "
-        f"{environment['world_size']}, precision {config.precision}",
+        f"{environment['world_size']}, precision {config.precision}; {environment['malloc']}",
         f"  run folder {out}"])
 
 
