@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlpmixer import MixerBlock, Mlp, MlpMixer, TokenMixingMlp, allocator, fused, rng
+from mlpmixer import MixerBlock, Mlp, MlpMixer, TokenMixingMlp, allocator, fused
 from mlpmixer.fused import ACT_FORWARD, dropped_value, mlp
 from mlpmixer.layers import Dropout, activation_fn
 from mlpmixer.vision import VisionConfig
@@ -332,38 +332,6 @@ def test_dropout_is_reproducible_from_the_seed():
     torch.manual_seed(9)
     b = drop.indicator(torch.Size((1001,)), torch.float32, dropped=True)
     assert torch.equal(a, b) and not torch.equal(a, drop.indicator(torch.Size((1001,)), torch.float32, True))
-
-
-def test_random_bits_are_the_same_at_any_thread_count_and_follow_the_seed():
-    """Big enough for the helper thread to draw the second half at 2 threads: the same bits as drawn serially."""
-    n = 8 * rng.PARALLEL_MIN_WORDS + 3  # 2 x PARALLEL_MIN_WORDS words and a partial one
-    previous = torch.get_num_threads()
-    draws = {}
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            torch.manual_seed(11)
-            draws[threads] = torch.cat(rng.uniform_int16(n))
-    finally:
-        torch.set_num_threads(previous)
-    assert draws[1].dtype == torch.int16 and draws[1].numel() == n
-    assert torch.equal(draws[1], draws[2])
-    torch.manual_seed(12)
-    assert not torch.equal(torch.cat(rng.uniform_int16(n)), draws[1])
-    first, second = draws[1][: n // 2].double(), draws[1][n // 2:].double()
-    for half in (first, second):  # uniform on -32768 … 32767: mean -0.5, sd 65536 / sqrt(12)
-        assert abs(half.mean().item() + 0.5) < 5 * 65536 / math.sqrt(12 * half.numel())
-    assert abs(torch.corrcoef(torch.stack([first[:len(second) - 1], second[:len(second) - 1]]))[0, 1]) < 0.01
-
-
-def test_random_bits_cost_one_draw_of_torchs_generator():
-    """Gradient checkpointing replays masks by restoring torch's RNG state: the bits must come from it."""
-    torch.manual_seed(3)
-    rng.uniform_int16(1000)
-    after_bits = torch.rand(4)
-    torch.manual_seed(3)
-    torch.empty((), dtype=torch.int64).random_()
-    assert torch.equal(torch.rand(4), after_bits)
 
 
 def test_allocator_leaves_an_explicit_malloc_setting_alone(monkeypatch):

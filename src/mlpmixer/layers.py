@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import fused, rng
+from . import fused
 
 ACTIVATIONS = tuple(fused.ACT_FORWARD)
 
@@ -36,9 +36,8 @@ class Dropout(nn.Module):
     """Inverted dropout whose mask costs a fraction of ``nn.Dropout``'s on the CPU.
 
     ``nn.Dropout`` draws one Bernoulli variate per element, which on a CPU took more time than the
-    Mixer's matrix products. Here one 64-bit word gives four independent uniform 16-bit integers u
-    (`rng.uniform_int16`: keyed by one draw from torch's generator, drawn by NumPy's SFC64 on up to two
-    threads), and an element is dropped when u < round(p·2^16). The mask is thus
+    Mixer's matrix products. Here one 64-bit draw from torch's generator gives four independent
+    uniform 16-bit integers u, and an element is dropped when u < round(p·2^16). The mask is thus
     i.i.d. Bernoulli with drop probability p' = round(p·2^16)/2^16 (|p' − p| <= 2^-17, e.g. 0.1000061
     for p = 0.1), and kept elements are scaled by 1/(1 − p'), so E[output] = input exactly. It is as
     reproducible as ``nn.Dropout`` (seeded by ``torch.manual_seed``). On other devices it is
@@ -71,14 +70,11 @@ class Dropout(nn.Module):
 
     def indicator(self, shape: torch.Size, dtype: torch.dtype, dropped: bool) -> Tensor:
         """1.0 where an element is dropped (``dropped=True``) or kept (``False``), else 0.0."""
-        t = self.threshold - 32768  # dropped iff u < t, for u uniform in -32768 … 32767
-        c = torch.empty(shape.numel(), dtype=torch.int16)
-        start = 0
-        for u in rng.uniform_int16(shape.numel()):  # one or two chunks, in order
-            # t − 1 where dropped, t where kept; 16-bit integer passes are cheap, bools are not
-            torch.clamp(u, t - 1, t, out=c[start:start + u.numel()])
-            start += u.numel()
-        c = c.view(shape)
+        n = shape.numel()
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(torch.iinfo(torch.int64).min, None)
+        u = bits.view(torch.int16)[:n].view(shape)  # four uniform 16-bit lanes per draw, as -32768 … 32767
+        t = self.threshold - 32768  # dropped iff u < t
+        c = u.clamp_(t - 1, t)  # t − 1 where dropped, t where kept; 16-bit integer passes are cheap, bools are not
         return (c.sub_(t).neg_() if dropped else c.sub_(t - 1)).to(dtype)  # 1 where dropped (or kept), else 0
 
     def mask(self, shape: torch.Size, dtype: torch.dtype) -> Tensor:
