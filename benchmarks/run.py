@@ -36,12 +36,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory columns (faster)")
     parser.add_argument("--plot", default="docs/scaling.png", help="where the scaling plot goes ('' for none)")
     args = parser.parse_args(argv)
-    rounds = args.rounds or (2 if q else 3)
+    rounds = args.rounds or (2 if args.quick else 3)
     bf16, why = common.bf16_native()
     threads = ", ".join(map(str, args.threads))
     print(f"## mlpmixer benchmarks, {datetime.date.today()}\n\n{common.cpu_name()}, threads {threads}, "
           f"torch {torch.__version__}, Python {platform.python_version()}; bf16: "
-          f"{'native' if bf16 else 'not native'} ({why}); {common.header_conditions()}{' — quick mode' if q else ''}\n")
+          f"{'native' if bf16 else 'not native'} ({why}); {common.header_conditions()}{' — quick mode' if args.quick else ''}\n")
     dtypes = [None] + ([torch.bfloat16] if bf16 and not args.no_bf16 else [])
     for section in args.only:
         for n_threads in args.threads:
