@@ -54,6 +54,7 @@ def mlp_shapes(left, k=7, m=11, hidden=5, out=None):
 def activation_storage(request, monkeypatch):
     """Both ways the fused node gets σ(h) back in backward: kept from forward (small), recomputed (large)."""
     monkeypatch.setattr(fused, "KEEP_ACTIVATION_BYTES", 1 << 40 if request.param == "kept" else 0)
+    monkeypatch.setattr(allocator, "keeping", lambda: request.param == "kept")
     return request.param
 
 
@@ -340,6 +341,17 @@ def test_allocator_leaves_an_explicit_malloc_setting_alone(monkeypatch):
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")
     assert allocator._apply() == "malloc from LD_PRELOAD"
+
+
+def test_a_small_activation_is_kept_only_where_malloc_keeps_freed_memory(monkeypatch):
+    seen = []
+    real = torch.autograd.function.FunctionCtx.save_for_backward
+    monkeypatch.setattr(torch.autograd.function.FunctionCtx, "save_for_backward",
+                        lambda ctx, *t: (seen.append(len(t)), real(ctx, *t))[1])
+    for keeping in (False, True):
+        monkeypatch.setattr(allocator, "keeping", lambda: keeping)
+        mlp(*leaves(*mlp_shapes(True)), "gelu", True)
+    assert seen == [4, 5]  # x, W1, W2, h (+ σ(h))
 
 
 def test_allocator_setting_is_made_once_and_said():

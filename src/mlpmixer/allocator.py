@@ -31,6 +31,13 @@ def keep_freed_memory() -> str:
     return _done
 
 
+def keeping() -> bool:
+    """Whether `keep_freed_memory` set malloc to keep freed memory in this process (what makes keeping a
+    small σ(h) for backward pay, `fused.KEEP_ACTIVATION_BYTES`: without it, the extra tensor's fresh
+    pages cost more than the recomputation it saves)."""
+    return _done is not None and _done.startswith("glibc")
+
+
 def _apply() -> str:
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("MALLOC_TRIM_THRESHOLD_"):
         return "malloc as set by MALLOC_*_THRESHOLD_"

@@ -8,8 +8,10 @@ Both mixing MLPs are this function, on different sides of the activations:
 Eager autograd keeps two hidden-size tensors per MLP for backward: the pre-activation h (for σ') and
 σ(h) (for W2's gradient). When σ(h) is large (above `KEEP_ACTIVATION_BYTES`, 8 MiB: every vision
 model at a real batch) this node keeps only h and recomputes σ(h) in backward, one element-wise pass
-against a hidden-size tensor less memory per MLP; a small σ(h) (the MLM seed configuration's are 2 and
-4 MiB) is kept, which saves that pass where the memory is negligible (docs/benchmarks.md, issue 17). Dropout after σ is folded into
+against a hidden-size tensor less memory per MLP. A small σ(h) (the MLM seed configuration's are 2 and
+4 MiB) is kept instead, saving that pass, when malloc keeps freed memory (`allocator`, as `mlpmixer
+train` sets it); with glibc's default the kept tensor's fresh pages cost more than the pass
+(docs/benchmarks.md, issue 17). Dropout after σ is folded into
 the products (see `Dropout.indicator`): a dropped unit gets a huge negative value added to its bias,
 so σ is exactly 0 there and σ' exactly 0 too, and the 1/(1 − p) rescaling multiplies W2 (small)
 instead of the hidden layer (large). Bias adds ride in the matrix products (``addmm``).
@@ -21,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from . import allocator
 
 ACT_FORWARD = {
     "gelu": F.gelu,
@@ -92,7 +96,7 @@ class _Mlp(torch.autograd.Function):
         g = ACT_FORWARD[activation](h)
         w2s = w2 if scale == 1.0 else w2 * scale
         y = torch.addmm(b2[:, None], w2s, g) if left else torch.addmm(b2, g, w2s.t())
-        keep = g.numel() * g.element_size() <= KEEP_ACTIVATION_BYTES
+        keep = allocator.keeping() and g.numel() * g.element_size() <= KEEP_ACTIVATION_BYTES
         ctx.save_for_backward(x, w1, w2s, h, *((g,) if keep else ()))
         ctx.activation, ctx.left, ctx.scale = activation, left, scale
         return y
