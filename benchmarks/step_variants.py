@@ -1,0 +1,54 @@
+"""A/B of the MLM seed step's variants, each alone in its own process (issue 17).
+
+    python -m benchmarks.step_variants [--threads 2 1] [--rounds 6]
+
+Variants: ``library`` (glibc's malloc defaults, so σ(h) is recomputed in backward), ``malloc`` (malloc
+keeps freed memory, σ(h) still recomputed), ``malloc+keep`` (what `mlpmixer train` runs: malloc keeps
+freed memory and the fused MLP keeps a small σ(h)), and the GEMM-only floor. Each process runs 5
+warm-up and 30 timed steps; rounds alternate; medians of the rounds' medians, with their range.
+The dropped SFC64 dropout bits were measured the same way at commit d52d22d (``mlpmixer.rng``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from mlpmixer import allocator, fused
+
+from . import common, mlm
+
+VARIANTS = ("library", "malloc", "malloc+keep", "floor")
+
+
+def _step(variant: str):
+    if variant in ("malloc", "malloc+keep"):
+        allocator.keep_freed_memory()
+    if variant == "malloc":
+        fused.KEEP_ACTIVATION_BYTES = 0
+    return mlm.make_step("floor" if variant == "floor" else "mlpmixer", mlm.Seed())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--time-child", nargs=1)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=30)
+    args = parser.parse_args(argv)
+    if args.time_child:
+        common.child_time(_step(args.time_child[0]), args.warmup, args.reps)
+        return
+    print(f"MLM seed step variants, fp32; {common.header_conditions()}\n")
+    for threads in args.threads:
+        med = common.time_alone("benchmarks.step_variants", {v: (v,) for v in VARIANTS}, rounds=args.rounds,
+                                warmup=args.warmup, reps=args.reps, threads=threads)
+        floor = med["floor"].median if isinstance(med["floor"], common.Timing) else float("nan")
+        rows = [[v, t if isinstance(t, str) else f"{t.median * 1e3:.1f} ({t.spread()})",
+                 "" if isinstance(t, str) else f"{t.median / floor:.2f}×"] for v, t in med.items()]
+        print(f"### {threads} thread{'s' * (threads > 1)}\n\n" + common.table(["variant", "ms/step", "× floor"], rows))
+        print()
+
+
+if __name__ == "__main__":
+    main()
