@@ -87,6 +87,11 @@ def _run_child(module: str, args: list[str], threads: int, env: dict[str, str] |
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def time_in_process(contenders: dict[Hashable, Callable[[], object]], warmup: int, reps: int) -> dict[Hashable, Timing]:
+    """`timed_rounds` (the old method) as `Timing`s, so its tables are built like `time_alone`'s."""
+    return {k: Timing(t, (t,)) for k, t in timed_rounds(contenders, warmup, reps).items()}
+
+
 def timed_rounds(contenders: dict[str, Callable[[], object]], warmup: int, reps: int) -> dict[str, float]:
     """Median seconds per call of each contender, run alternately in this process (one call each per
     round): the old method, kept to show how much it moves the figures (``--interleaved``)."""
@@ -111,7 +116,11 @@ def adamw(params) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=1e-4, foreach=True)
 
 
-def matmul(n: int = 2048, dtype: torch.dtype = torch.float32) -> tuple[Callable[[], object], float]:
+PEAK_N = 2048
+PEAK_FLOPS = 2.0 * PEAK_N ** 3  # `matmul`'s at its default size
+
+
+def matmul(n: int = PEAK_N, dtype: torch.dtype = torch.float32) -> tuple[Callable[[], object], float]:
     """A large square ``torch.mm`` and its FLOPs: the machine's matrix-multiply peak for ``dtype``."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     out = torch.empty(n, n, dtype=dtype)

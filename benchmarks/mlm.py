@@ -191,17 +191,16 @@ def run(rounds: int, warmup: int, reps: int, threads: int = 2, dtype: torch.dtyp
         torch.set_num_threads(threads)
         fns = {n: make_step(n, s, dtype) if n != "peak" else common.matmul(dtype=dtype or torch.float32)[0]
                for n in jobs}
-        med = {n: common.Timing(t, (t,)) for n, t in common.timed_rounds(fns, warmup, rounds * reps).items()}
+        med = common.time_in_process(fns, warmup, rounds * reps)
         method = f"all in this process, alternating, {warmup} warm-up + {rounds * reps} timed rounds, medians"
     else:
         med = common.time_alone("benchmarks.mlm", jobs, rounds=rounds, warmup=warmup, reps=reps, threads=threads)
         method = (f"each alone in its own process, {rounds} alternating rounds of {warmup} warm-up + {reps} timed "
                   f"steps; median of the rounds' medians, their range in brackets")
-    mm_flops = 2.0 * 2048 ** 3  # common.matmul's
     failed = {n: m for n, m in med.items() if isinstance(m, str)}
     if "peak" in failed or "floor" in failed:
         return f"### MLM: the peak or the floor failed: {failed}"
-    peak, floor = mm_flops / med["peak"].median, med["floor"].median
+    peak, floor = common.PEAK_FLOPS / med["peak"].median, med["floor"].median
     memory_of = {n: common.peak_memory("benchmarks.mlm", n, *extra, threads=threads) if memory else {}
                  for n in names}
     ref = med.get("labml")

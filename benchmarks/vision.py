@@ -129,14 +129,14 @@ def run(models: dict[str, int], rounds: int, warmup: int, reps: int, threads: in
         if interleaved:
             torch.set_num_threads(threads)
             fns = {k: _step(*j) for k, j in jobs.items()}
-            med = {k: common.Timing(t, (t,)) for k, t in common.timed_rounds(fns, warmup, rounds * reps).items()}
+            med = common.time_in_process(fns, warmup, rounds * reps)
         else:
             med = common.time_alone("benchmarks.vision", jobs, rounds=rounds, warmup=warmup, reps=reps,
                                     threads=threads)
         if isinstance(med["peak"], str):
             out += ["", f"**{name}**: the matmul peak failed: {med['peak']}"]
             continue
-        peak = 2.0 * 2048 ** 3 / med["peak"].median
+        peak = common.PEAK_FLOPS / med["peak"].median
         mem = {n: common.peak_memory("benchmarks.vision", n, name, str(batch), *extra, threads=threads)
                for n in names} if memory else {}
         rows = []
