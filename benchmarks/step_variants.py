@@ -4,7 +4,9 @@
 
 Variants: ``library`` (glibc's malloc defaults, so σ(h) is recomputed in backward), ``malloc`` (malloc
 keeps freed memory, σ(h) still recomputed), ``malloc+keep`` (what `mlpmixer train` runs: malloc keeps
-freed memory and the fused MLP keeps a small σ(h)), and the GEMM-only floor. Each process runs 5
+freed memory and the fused MLP keeps a small σ(h)), ``torch-dropout`` (as ``malloc+keep``, with dropout's
+masks made by torch operations instead of the compiled kernels: ``MLPMIXER_KERNELS=0``,
+`mlpmixer.kernels`), and the GEMM-only floor. Each process runs 5
 warm-up and 30 timed steps; rounds alternate; medians of the rounds' medians, with their range.
 The dropped SFC64 dropout bits were measured the same way at commit d52d22d (``mlpmixer.rng``).
 """
@@ -12,16 +14,19 @@ The dropped SFC64 dropout bits were measured the same way at commit d52d22d (``m
 from __future__ import annotations
 
 import argparse
+import os
 
 from mlpmixer import allocator, fused
 
 from . import common, mlm
 
-VARIANTS = ("library", "malloc", "malloc+keep", "floor")
+VARIANTS = ("library", "malloc", "malloc+keep", "torch-dropout", "floor")
 
 
 def _step(variant: str):
-    if variant in ("malloc", "malloc+keep"):
+    if variant == "torch-dropout":
+        os.environ["MLPMIXER_KERNELS"] = "0"
+    if variant in ("malloc", "malloc+keep", "torch-dropout"):
         allocator.keep_freed_memory()
     if variant == "malloc":
         fused.KEEP_ACTIVATION_BYTES = 0

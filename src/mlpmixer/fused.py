@@ -12,7 +12,7 @@ against a hidden-size tensor less memory per MLP. A small σ(h) (the MLM seed co
 4 MiB) is kept instead, saving that pass, when malloc keeps freed memory (`allocator`, as `mlpmixer
 train` sets it); with glibc's default the kept tensor's fresh pages cost more than the pass
 (docs/benchmarks.md, issue 17). Dropout after σ is folded into
-the products (see `Dropout.indicator`): a dropped unit gets a huge negative value added to its bias,
+the products (see `Dropout.biased`): a dropped unit gets a huge negative value added to its bias,
 so σ is exactly 0 there and σ' exactly 0 too, and the 1/(1 − p) rescaling multiplies W2 (small)
 instead of the hidden layer (large). Bias adds ride in the matrix products (``addmm``).
 """
@@ -90,8 +90,7 @@ class _Mlp(torch.autograd.Function):
             h = torch.addmm(bias1, w1, x) if left else torch.addmm(bias1, x, w1.t())
         else:  # a fresh full-size bias, with dropped units pushed to where σ is flat zero
             scale = dropout.scale
-            h = dropout.indicator(shape, x.dtype, dropped=True)
-            torch.add(bias1, h, alpha=dropped_value(x.dtype), out=h)
+            h = dropout.biased(b1, shape, per_row=left, dropped=dropped_value(x.dtype))
             h = h.addmm_(w1, x) if left else h.addmm_(x, w1.t())  # accumulate the product into it: no copy
         g = ACT_FORWARD[activation](h)
         w2s = w2 if scale == 1.0 else w2 * scale

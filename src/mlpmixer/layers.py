@@ -18,8 +18,9 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
-from . import fused
+from . import fused, kernels
 
 ACTIVATIONS = tuple(fused.ACT_FORWARD)
 
@@ -33,18 +34,20 @@ def activation_fn(name: str):
 
 
 class Dropout(nn.Module):
-    """Inverted dropout whose mask costs a fraction of ``nn.Dropout``'s on the CPU.
+    """Inverted dropout whose masks cost a fraction of ``nn.Dropout``'s on the CPU.
 
-    ``nn.Dropout`` draws one Bernoulli variate per element, which on a CPU took more time than the
-    Mixer's matrix products. Here one 64-bit draw from torch's generator gives four independent
-    uniform 16-bit integers u, and an element is dropped when u < round(p·2^16). The mask is thus
-    i.i.d. Bernoulli with drop probability p' = round(p·2^16)/2^16 (|p' − p| <= 2^-17, e.g. 0.1000061
-    for p = 0.1), and kept elements are scaled by 1/(1 − p'), so E[output] = input exactly. It is as
-    reproducible as ``nn.Dropout`` (seeded by ``torch.manual_seed``). On other devices it is
+    Each element gets a uniform 16-bit integer u and is dropped when u < round(p·2^16). The mask is
+    thus i.i.d. Bernoulli with drop probability p' = round(p·2^16)/2^16 (|p' − p| <= 2^-17, e.g.
+    0.1000061 for p = 0.1), and kept elements are scaled by 1/(1 − p'), so E[output] = input exactly.
+    It is as reproducible as ``nn.Dropout`` (seeded by ``torch.manual_seed``). On other devices it is
     ``F.dropout``.
 
-    The Mixer applies the same masks with fewer passes over memory: in a hidden layer through
-    `fused.mlp` (which takes `indicator` and `scale`), on a residual branch through `add_to`.
+    Where `kernels` are compiled (float32 and bfloat16), a call draws one 64-bit key from torch's
+    generator and u is a function of (key, element) (`kernels.lanes`): one pass writes the result, at
+    any thread count the same, and backward makes the mask again from the key. Elsewhere one 64-bit
+    draw from torch's generator gives four u, the mask is made in a few 16-bit integer passes and kept
+    for backward. The Mixer applies the masks with no pass of their own: in a hidden layer through
+    `fused.mlp` (which takes `biased`), on a residual branch through `add_to`.
     """
 
     def __init__(self, p: float = 0.0):
@@ -66,10 +69,25 @@ class Dropout(nn.Module):
             return x
         if not self.active(x):
             return F.dropout(x, self.p, True)
+        if kernels.supports(x):
+            return _DropoutMul.apply(x, kernels.new_key(), self.threshold, self.scale)
         return x * self.mask(x.shape, x.dtype)
 
+    def biased(self, bias: Tensor, shape: torch.Size, per_row: bool, dropped: float) -> Tensor:
+        """A fresh ``shape`` (rows, columns) tensor: ``bias`` (one value per row if ``per_row``, else per
+        column) plus ``dropped`` at the dropped elements (`fused.mlp`'s pre-activation buffer)."""
+        if kernels.supports(bias):
+            return kernels.dropout_bias(bias, shape[0], shape[1], per_row, kernels.new_key(), self.threshold,
+                                        dropped)
+        h = self.indicator(shape, bias.dtype, dropped=True)
+        return torch.add(bias[:, None] if per_row else bias, h, alpha=dropped, out=h)
+
     def indicator(self, shape: torch.Size, dtype: torch.dtype, dropped: bool) -> Tensor:
-        """1.0 where an element is dropped (``dropped=True``) or kept (``False``), else 0.0."""
+        """1.0 where an element is dropped (``dropped=True``) or kept (``False``), else 0.0: the mask that
+        a call on a ``dtype`` tensor would draw from the generator's present state."""
+        if kernels.supports(torch.empty(0, dtype=dtype)):
+            u = kernels.lanes(kernels.new_key(), shape.numel()).view(shape)
+            return (u < self.threshold if dropped else u >= self.threshold).to(dtype)
         n = shape.numel()
         bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(torch.iinfo(torch.int64).min, None)
         u = bits.view(torch.int16)[:n].view(shape)  # four uniform 16-bit lanes per draw, as -32768 … 32767
@@ -82,12 +100,44 @@ class Dropout(nn.Module):
         return self.indicator(shape, dtype, dropped=False).mul_(self.scale)
 
     def add_to(self, x: Tensor, branch: Tensor) -> Tensor:
-        """``x + dropout(branch)`` in one pass; its backward is one multiply."""
+        """``x + dropout(branch)`` in one pass; its backward is one pass too."""
         if not (self.training and self.threshold):
             return x + branch
         if not self.active(branch):
             return x + F.dropout(branch, self.p, True)
+        if x.shape == branch.shape and kernels.supports(x, branch) and (
+                x.dtype == branch.dtype or (x.dtype, branch.dtype) == (torch.float32, torch.bfloat16)):
+            return _DropoutAdd.apply(x, branch, kernels.new_key(), self.threshold, self.scale)
         return torch.addcmul(x, branch, self.indicator(branch.shape, branch.dtype, dropped=False), value=self.scale)
+
+
+class _DropoutMul(torch.autograd.Function):
+    """``x · mask``; backward makes the mask again from the key."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, key: int, threshold: int, scale: float) -> Tensor:
+        ctx.args = key, threshold, scale
+        return kernels.dropout_mul(x, key, threshold, scale)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor):
+        return kernels.dropout_mul(dy, *ctx.args), None, None, None
+
+
+class _DropoutAdd(torch.autograd.Function):
+    """``x + branch · mask``; backward passes dy to x and dy · mask to the branch, the mask made again."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, branch: Tensor, key: int, threshold: int, scale: float) -> Tensor:
+        ctx.args = key, threshold, scale
+        return kernels.dropout_add(x, branch, key, threshold, scale)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor):
+        dbranch = kernels.dropout_mul(dy, *ctx.args) if ctx.needs_input_grad[1] else None
+        return dy if ctx.needs_input_grad[0] else None, dbranch, None, None, None
 
 
 def two_layer_mlp(x: Tensor, fc1: nn.Linear | tuple[Tensor, Tensor], fc2: nn.Linear | tuple[Tensor, Tensor],

@@ -1,0 +1,119 @@
+/* Dropout in one pass over memory: the mask's bits are made where they are used (mlpmixer.kernels).
+ *
+ * Element e of a call keyed by `key` gets the 16-bit uniform lane e % 4 (memory order) of the 64-bit
+ * word mix(key, e / 4): SplitMix64's output function at position e / 4 + 1 of the stream that starts
+ * at `key`. A counter-based generator, so any thread can make any element's bits, the result does not
+ * depend on the thread count, and backward makes the forward pass's mask again from the key instead
+ * of storing it. mlpmixer/kernels.py computes the same bits with torch operations (its fallback and
+ * the tests' reference); keep the two in step.
+ *
+ * An element is dropped when its lane is below `thr` (= round(p * 65536)). float32 and bfloat16
+ * (as uint16, rounded to nearest even like torch) are computed in float32, one rounding per result,
+ * as torch's element-wise kernels do; built with -ffp-contract=off so no product is fused into a sum.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define BLOCK 1024            /* elements per task: their bits live on the stack, in L1 */
+#define PARALLEL_MIN 32768    /* below this many elements, one thread */
+
+static inline uint64_t mix(uint64_t key, uint64_t word) {
+    uint64_t z = key + (word + 1) * 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+/* the lanes of elements e0 … e0 + n - 1 (n <= BLOCK) */
+static inline void draw(uint64_t key, int64_t e0, int64_t n, uint16_t *lanes) {
+    uint64_t words[BLOCK / 4 + 2];
+    const int64_t w0 = e0 >> 2, w1 = (e0 + n + 3) >> 2;
+    for (int64_t w = w0; w < w1; ++w) words[w - w0] = mix(key, (uint64_t)w);
+    memcpy(lanes, (const uint16_t *)words + (e0 & 3), (size_t)n * sizeof(uint16_t));
+}
+
+static inline float load_f32(float v) { return v; }
+static inline float store_f32(float v) { return v; }
+static inline float load_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+static inline uint16_t store_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;  /* NaN, as torch writes it */
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* out (rows, cols) = bias + (dropped where the element is dropped, else 0): a dropout-biased
+ * pre-activation buffer (mlpmixer.fused). bias has one value per row (per_row) or per column. */
+#define DROPOUT_BIAS(NAME, T, LOAD, STORE)                                                           \
+    void NAME(T *out, const T *bias, int64_t rows, int64_t cols, int per_row, uint64_t key,          \
+              uint32_t thr, float dropped, int nthreads) {                                          \
+        const int64_t per = (cols + BLOCK - 1) / BLOCK, tasks = rows * per;                          \
+        _Pragma("omp parallel for num_threads(nthreads) schedule(static) if(rows * cols >= PARALLEL_MIN)") \
+        for (int64_t t = 0; t < tasks; ++t) {                                                        \
+            const int64_t i = t / per, j0 = (t % per) * BLOCK, n = min64(BLOCK, cols - j0);         \
+            uint16_t lanes[BLOCK];                                                                   \
+            draw(key, i * cols + j0, n, lanes);                                                      \
+            T *o = out + i * cols + j0;                                                              \
+            if (per_row) {                                                                           \
+                const float b = LOAD(bias[i]);                                                       \
+                for (int64_t k = 0; k < n; ++k) o[k] = STORE(b + (lanes[k] < thr ? dropped : 0.0f)); \
+            } else {                                                                                 \
+                const T *b = bias + j0;                                                              \
+                for (int64_t k = 0; k < n; ++k)                                                      \
+                    o[k] = STORE(LOAD(b[k]) + (lanes[k] < thr ? dropped : 0.0f));                    \
+            }                                                                                        \
+        }                                                                                            \
+    }
+
+/* out = x + branch * scale where kept, x where dropped (a residual add with dropout on the branch);
+ * the branch may be bfloat16 beside a float32 x (autocast's products feeding a float32 residual) */
+#define DROPOUT_ADD(NAME, T, LOAD, STORE, TB, LOADB)                                                 \
+    void NAME(T *out, const T *x, const TB *branch, int64_t n, uint64_t key, uint32_t thr,          \
+              float scale, int nthreads) {                                                          \
+        const int64_t tasks = (n + BLOCK - 1) / BLOCK;                                               \
+        _Pragma("omp parallel for num_threads(nthreads) schedule(static) if(n >= PARALLEL_MIN)")     \
+        for (int64_t t = 0; t < tasks; ++t) {                                                        \
+            const int64_t e0 = t * BLOCK, m = min64(BLOCK, n - e0);                                  \
+            uint16_t lanes[BLOCK];                                                                   \
+            draw(key, e0, m, lanes);                                                                 \
+            for (int64_t k = 0; k < m; ++k) {                                                        \
+                const float v = LOAD(x[e0 + k]);                                                     \
+                out[e0 + k] = STORE(lanes[k] < thr ? v : v + LOADB(branch[e0 + k]) * scale);         \
+            }                                                                                        \
+        }                                                                                            \
+    }
+
+/* out = t * scale where kept, 0 where dropped (dropout itself, and every dropout's backward) */
+#define DROPOUT_MUL(NAME, T, LOAD, STORE)                                                            \
+    void NAME(T *out, const T *t, int64_t n, uint64_t key, uint32_t thr, float scale, int nthreads) { \
+        const int64_t tasks = (n + BLOCK - 1) / BLOCK;                                               \
+        _Pragma("omp parallel for num_threads(nthreads) schedule(static) if(n >= PARALLEL_MIN)")     \
+        for (int64_t s = 0; s < tasks; ++s) {                                                        \
+            const int64_t e0 = s * BLOCK, m = min64(BLOCK, n - e0);                                  \
+            uint16_t lanes[BLOCK];                                                                   \
+            draw(key, e0, m, lanes);                                                                 \
+            for (int64_t k = 0; k < m; ++k)                                                          \
+                out[e0 + k] = STORE(lanes[k] < thr ? 0.0f : LOAD(t[e0 + k]) * scale);                \
+        }                                                                                            \
+    }
+
+/* the raw lanes of elements 0 … n - 1 (for tests: the same bits as kernels.lanes) */
+void mlpmixer_lanes(uint16_t *out, int64_t n, uint64_t key) {
+    for (int64_t e0 = 0; e0 < n; e0 += BLOCK) draw(key, e0, min64(BLOCK, n - e0), out + e0);
+}
+
+DROPOUT_BIAS(mlpmixer_dropout_bias_f32, float, load_f32, store_f32)
+DROPOUT_BIAS(mlpmixer_dropout_bias_bf16, uint16_t, load_bf16, store_bf16)
+DROPOUT_ADD(mlpmixer_dropout_add_f32, float, load_f32, store_f32, float, load_f32)
+DROPOUT_ADD(mlpmixer_dropout_add_bf16, uint16_t, load_bf16, store_bf16, uint16_t, load_bf16)
+DROPOUT_ADD(mlpmixer_dropout_add_f32_bf16, float, load_f32, store_f32, uint16_t, load_bf16)
+DROPOUT_MUL(mlpmixer_dropout_mul_f32, float, load_f32, store_f32)
+DROPOUT_MUL(mlpmixer_dropout_mul_bf16, uint16_t, load_bf16, store_bf16)

@@ -1,0 +1,210 @@
+"""Dropout masks made where they are used: a small C library, compiled on first use, with a torch fallback.
+
+On the CPU the MLM seed step spent more time on dropout than on anything but its matrix products
+(issue 17): torch's generator (MT19937) draws bits serially, and a mask then costs several passes over
+memory (bits, comparison, conversion, the multiply), plus a stored mask for backward. Here each
+dropout call draws one 64-bit key from torch's default generator (so ``torch.manual_seed``,
+``fork_rng`` and checkpointed RNG states see one draw), and element e's bits are a function of (key, e)
+alone: lane e % 4 of SplitMix64's output at position e // 4 + 1 of the stream starting at the key (a
+counter-based generator). So any thread can make any element's bits, the result does not depend on
+the thread count, one pass writes the dropped-and-biased pre-activation (`dropout_bias`), the
+residual sum (`dropout_add`) or the masked gradient (`dropout_mul`), and backward makes the mask
+again from the key instead of keeping it.
+
+`kernels.c` does this in C with OpenMP (torch's own OpenMP runtime, so no second thread pool),
+compiled once per machine with the system's C compiler into the user cache
+(``$MLPMIXER_CACHE_DIR``, else ``$XDG_CACHE_HOME/mlpmixer``, else ``~/.cache/mlpmixer``), for
+float32 and bfloat16. `lanes` computes the same bits with torch operations: the reference the tests
+hold the C code to. Without a compiler, with ``MLPMIXER_KERNELS=0``, or for other dtypes,
+`layers.Dropout` keeps its torch implementation (torch's generator, a stored mask: the same
+distribution, other draws, and about 20 % slower steps), because the torch form of this generator
+is slower still. `status` says which is in use (``mlpmixer train`` records it in config.json).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("kernels.c")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c11")
+DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+_lib: ctypes.CDLL | None = None
+_status: str | None = None
+
+
+def _signed(v: int) -> int:
+    """A 64-bit pattern as torch's int64."""
+    v &= (1 << 64) - 1
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def new_key() -> int:
+    """One 64-bit key (0 … 2^64 − 1) from torch's default CPU generator: one draw per dropout call."""
+    return int(torch.empty((), dtype=torch.int64).random_(torch.iinfo(torch.int64).min, None)) & ((1 << 64) - 1)
+
+
+def lanes(key: int, n: int) -> Tensor:
+    """The uniform 16-bit integers (0 … 65535, int32) of elements 0 … n − 1 under ``key``, in torch.
+
+    The reference for `kernels.c`: word w = SplitMix64(key + (w + 1)·φ), element e = 16-bit lane e % 4
+    of word e // 4 in memory order. int64 products wrap as in C; shifts are made logical by masking.
+    """
+    z = torch.arange(1, (n + 3) // 4 + 1, dtype=torch.int64).mul_(_signed(_GOLDEN)).add_(_signed(key))
+    for shift, factor in ((30, _MIX1), (27, _MIX2), (31, None)):
+        z.bitwise_xor_((z >> shift) & ((1 << (64 - shift)) - 1))
+        if factor is not None:
+            z.mul_(_signed(factor))
+    return z.view(torch.int16)[:n].to(torch.int32).bitwise_and_(0xFFFF)
+
+
+def status() -> str:
+    """Which implementation dropout uses here, in words (after the first call to `library`)."""
+    library()
+    return _status or ""
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built on first use; None where they cannot be (see `status`)."""
+    global _lib, _status
+    if _status is None:
+        try:
+            _lib, _status = _load()
+        except (OSError, subprocess.SubprocessError, ValueError) as e:
+            _lib, _status = None, f"torch fallback ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    return _lib
+
+
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get("MLPMIXER_KERNELS", "1") == "0":
+        return None, "torch fallback (MLPMIXER_KERNELS=0)"
+    if sys.byteorder != "little" or platform.system() != "Linux":
+        return None, f"torch fallback (compiled kernels are built on little-endian Linux only, not {platform.system()})"
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        return None, "torch fallback (no C compiler: install gcc to compile mlpmixer's dropout kernels)"
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()
+    compiler = version[0] if version else cc
+    path = _cache_dir() / f"kernels-{_build_key(compiler)}.so"
+    if not path.exists():
+        _compile(cc, path)
+    lib = ctypes.CDLL(str(path))
+    _declare(lib)
+    return lib, f"compiled ({compiler}, {' '.join(FLAGS[:3])}; {path.parent})"
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("MLPMIXER_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mlpmixer")
+    for d in (Path(base), Path(tempfile.gettempdir()) / f"mlpmixer-{os.getuid()}"):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            if os.access(d, os.W_OK):
+                return d
+        except OSError:
+            continue
+    raise OSError(f"no writable cache directory for the compiled kernels (tried {base}); set MLPMIXER_CACHE_DIR")
+
+
+def _build_key(compiler: str) -> str:
+    """Source, compiler, flags, torch's OpenMP and this CPU's instruction sets: -march=native code is
+    for this machine only, so a cache shared between machines holds one build per CPU type."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    parts = (SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode(), platform.machine().encode(),
+             flags.encode(), torch.__version__.encode())
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
+def _compile(cc: str, path: Path) -> None:
+    """Build into a temporary name beside ``path`` and rename it there: processes building at once
+    (torchrun) each write their own file, and a reader never sees half of one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise OSError(f"{cc} failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, u64, u32, f, i = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float,
+                              ctypes.c_int)
+    for name in DTYPES.values():
+        getattr(lib, f"mlpmixer_dropout_bias_{name}").argtypes = [p, p, i64, i64, i, u64, u32, f, i]
+        getattr(lib, f"mlpmixer_dropout_mul_{name}").argtypes = [p, p, i64, u64, u32, f, i]
+    for name in ("f32", "bf16", "f32_bf16"):
+        getattr(lib, f"mlpmixer_dropout_add_{name}").argtypes = [p, p, p, i64, u64, u32, f, i]
+    lib.mlpmixer_lanes.argtypes = [p, i64, u64]
+    for fn in ("bias", "mul", "add"):
+        for name in ("f32", "bf16", "f32_bf16"):
+            if hasattr(lib, f"mlpmixer_dropout_{fn}_{name}"):
+                getattr(lib, f"mlpmixer_dropout_{fn}_{name}").restype = None
+
+
+def supports(*tensors: Tensor) -> bool:
+    """Whether the compiled kernels exist here and take these tensors (CPU, float32 or bfloat16)."""
+    return all(t.device.type == "cpu" and t.dtype in DTYPES for t in tensors) and library() is not None
+
+
+def compiled_lanes(key: int, n: int) -> Tensor:
+    """`lanes` as the compiled library makes them (int32): for tests."""
+    out = torch.empty(n, dtype=torch.int16)
+    _need().mlpmixer_lanes(out.data_ptr(), n, key)
+    return out.to(torch.int32).bitwise_and_(0xFFFF)
+
+
+def _need() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"mlpmixer's compiled kernels are not available: {_status}")
+    return lib
+
+
+def dropout_bias(bias: Tensor, rows: int, cols: int, per_row: bool, key: int, threshold: int,
+                 dropped: float) -> Tensor:
+    """(rows, cols): ``bias`` (one value per row if ``per_row``, else per column) plus ``dropped`` at
+    the elements whose lane is below ``threshold``."""
+    bias = bias.contiguous()
+    out = torch.empty((rows, cols), dtype=bias.dtype)
+    getattr(_need(), f"mlpmixer_dropout_bias_{DTYPES[bias.dtype]}")(
+        out.data_ptr(), bias.data_ptr(), rows, cols, int(per_row), key, threshold, dropped, torch.get_num_threads())
+    return out
+
+
+def dropout_add(x: Tensor, branch: Tensor, key: int, threshold: int, scale: float) -> Tensor:
+    """``x + branch · scale`` where an element is kept, ``x`` where dropped (same shapes; ``branch`` of
+    x's dtype, or bfloat16 beside a float32 ``x``)."""
+    x, branch = x.contiguous(), branch.contiguous()
+    pair = DTYPES[x.dtype] + ("" if branch.dtype == x.dtype else "_" + DTYPES[branch.dtype])
+    out = torch.empty_like(x)
+    getattr(_need(), f"mlpmixer_dropout_add_{pair}")(out.data_ptr(), x.data_ptr(), branch.data_ptr(), x.numel(),
+                                                     key, threshold, scale, torch.get_num_threads())
+    return out
+
+
+def dropout_mul(t: Tensor, key: int, threshold: int, scale: float) -> Tensor:
+    """``t · scale`` where an element is kept, 0 where dropped."""
+    t = t.contiguous()
+    out = torch.empty_like(t)
+    getattr(_need(), f"mlpmixer_dropout_mul_{DTYPES[t.dtype]}")(out.data_ptr(), t.data_ptr(), t.numel(), key,
+                                                                threshold, scale, torch.get_num_threads())
+    return out
