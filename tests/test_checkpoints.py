@@ -68,6 +68,20 @@ def test_metrics_log_truncates_on_resume_and_skips_cut_lines(tmp_path):
     assert all(json.loads(line) for line in path.read_text().splitlines() if line)
 
 
+def test_trainer_state_keeps_the_metrics_summed_since_the_last_row(tmp_path, tiny_mlm_config):
+    # a checkpoint between two logged rows: the resumed run's next row must sum the same steps
+    model = MaskedLanguageModel(tiny_mlm_config())
+    opt = torch.optim.Adam(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    sums = {"loss": 12.345678901234567, "correct": 17.0, "count": 40.0}
+    ck.save_trainer_state(tmp_path, model, opt, sched, 15, sums)
+    got: dict = {}
+    assert ck.load_trainer_state(tmp_path, model, opt, sched, got) == 15 and got == sums
+    ck.save_trainer_state(tmp_path, model, opt, sched, 16)  # none saved: nothing restored
+    got = {}
+    assert ck.load_trainer_state(tmp_path, model, opt, sched, got) == 16 and got == {}
+
+
 def test_trainer_state_refuses_pickled_objects(tmp_path, tiny_mlm_config):
     model = MaskedLanguageModel(tiny_mlm_config())
     opt = torch.optim.Adam(model.parameters())

@@ -91,7 +91,9 @@ def test_vision_two_ranks_equal_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_vision_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
-    common = ["train", "vision", "--steps", "30", "--batch-size", "16", "--eval-every", "10", "--log-every", "2",
+    # rows every 4 steps, checkpoints every 5: the resumed checkpoint (10, 15 or 25) falls between two rows,
+    # so the resumed run's next row must add the steps the checkpoint had summed to its own
+    common = ["train", "vision", "--steps", "30", "--batch-size", "16", "--eval-every", "10", "--log-every", "4",
               "--ckpt-every", "5", "--threads", "1", "--quiet"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert cli(*common, "--out", str(straight)).returncode == 0

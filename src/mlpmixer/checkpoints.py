@@ -166,8 +166,9 @@ def checkpoint_step(out: Path) -> int | None:
     return int(step) if step is not None else None
 
 
-def save_trainer_state(out: Path, model: nn.Module, opt, sched, step: int) -> None:
-    """One checkpoint: model weights and optimiser/schedule/RNG state, both naming ``step``.
+def save_trainer_state(out: Path, model: nn.Module, opt, sched, step: int, log_sums: dict | None = None) -> None:
+    """One checkpoint: model weights and optimiser/schedule/RNG state, both naming ``step``, and the
+    training metrics summed since the last logged row (``log_sums``), so a resumed run logs the same rows.
 
     Both files are written and fsynced under temporary names before either is renamed, so a failed
     write (a full disk) leaves the previous checkpoint whole; the trainer state is renamed last.
@@ -179,6 +180,8 @@ def save_trainer_state(out: Path, model: nn.Module, opt, sched, step: int) -> No
              "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
                      "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
                      "numpy_pos": int(np.random.get_state()[2])}}
+    if log_sums is not None:
+        state["log_sums"] = dict(log_sums)
     staged: list[tuple[str, Path]] = []
     try:
         staged.append((write_temp(out / MODEL_FILE, lambda tmp: save_file(weights, tmp, metadata={"step": str(step)})),
@@ -202,8 +205,9 @@ def _write_failure(out: Path, step: int, error: BaseException) -> str:
             f"or fix the permissions, then continue with --resume {out}")
 
 
-def load_trainer_state(out: Path, model: nn.Module, opt, sched) -> int:
-    """Restore a run saved by `save_trainer_state`; returns the step it reached."""
+def load_trainer_state(out: Path, model: nn.Module, opt, sched, log_sums: dict | None = None) -> int:
+    """Restore a run saved by `save_trainer_state`; returns the step it reached, and fills ``log_sums``
+    (when given) with the saved metrics sums (none in a state written before they were saved)."""
     state = read_trainer_state(out)
     if isinstance(state.get("model"), dict):  # the weights of the state's own step
         check_state_dict(model, state["model"], str(out / STATE_FILE))
@@ -219,6 +223,8 @@ def load_trainer_state(out: Path, model: nn.Module, opt, sched) -> int:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         restore_rng(state["rng"])
+        if log_sums is not None:
+            log_sums.update({k: float(v) for k, v in state.get("log_sums", {}).items()})
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"{out / STATE_FILE} does not fit this run's optimiser ({e})") from None
     return int(state["step"])

@@ -83,18 +83,18 @@ def library() -> ctypes.CDLL | None:
         try:
             _lib, _status = _load()
         except (OSError, subprocess.SubprocessError, ValueError) as e:
-            _lib, _status = None, f"torch fallback ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            _lib, _status = None, f"torch (the kernels could not be built: {str(e).splitlines()[0] if str(e) else type(e).__name__})"
     return _lib
 
 
 def _load() -> tuple[ctypes.CDLL | None, str]:
     if os.environ.get("MLPMIXER_KERNELS", "1") == "0":
-        return None, "torch fallback (MLPMIXER_KERNELS=0)"
+        return None, "torch (MLPMIXER_KERNELS=0)"
     if sys.byteorder != "little" or platform.system() != "Linux":
-        return None, f"torch fallback (compiled kernels are built on little-endian Linux only, not {platform.system()})"
+        return None, f"torch (the kernels are built on little-endian Linux only, not {platform.system()})"
     cc = shutil.which(os.environ.get("CC", "cc"))
     if cc is None:
-        return None, "torch fallback (no C compiler: install gcc to compile mlpmixer's dropout kernels)"
+        return None, "torch (no C compiler: install gcc for mlpmixer's compiled dropout kernels)"
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()
     compiler = version[0] if version else cc
     path = _cache_dir() / f"kernels-{_build_key(compiler)}.so"
@@ -102,7 +102,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         _compile(cc, path)
     lib = ctypes.CDLL(str(path))
     _declare(lib)
-    return lib, f"compiled ({compiler}, {' '.join(FLAGS[:3])}; {path.parent})"
+    return lib, f"compiled kernels ({compiler}, {' '.join(FLAGS[:2])})"
 
 
 def _cache_dir() -> Path:
@@ -163,6 +163,11 @@ def _declare(lib: ctypes.CDLL) -> None:
 def supports(*tensors: Tensor) -> bool:
     """Whether the compiled kernels exist here and take these tensors (CPU, float32 or bfloat16)."""
     return all(t.device.type == "cpu" and t.dtype in DTYPES for t in tensors) and library() is not None
+
+
+def supports_dtype(dtype: torch.dtype) -> bool:
+    """Whether the compiled kernels exist here and take CPU tensors of ``dtype``."""
+    return dtype in DTYPES and library() is not None
 
 
 def compiled_lanes(key: int, n: int) -> Tensor:

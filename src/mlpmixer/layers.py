@@ -85,7 +85,7 @@ class Dropout(nn.Module):
     def indicator(self, shape: torch.Size, dtype: torch.dtype, dropped: bool) -> Tensor:
         """1.0 where an element is dropped (``dropped=True``) or kept (``False``), else 0.0: the mask that
         a call on a ``dtype`` tensor would draw from the generator's present state."""
-        if kernels.supports(torch.empty(0, dtype=dtype)):
+        if kernels.supports_dtype(dtype):
             u = kernels.lanes(kernels.new_key(), shape.numel()).view(shape)
             return (u < self.threshold if dropped else u >= self.threshold).to(dtype)
         n = shape.numel()

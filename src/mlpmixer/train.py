@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import allocator, checkpoints, distributed, runs
+from . import allocator, checkpoints, distributed, kernels, runs
 from .data.windows import step_seed
 from .distributed import resolve_device  # noqa: F401  (re-exported for callers)
 
@@ -369,11 +369,13 @@ def _fit(model: nn.Module, task: Task, config: TrainConfig, out: Path, ctx: dist
          threads: tuple[int, str]) -> dict[str, float]:
     model.to(ctx.device)
     opt, sched = make_optimizer(model, config, d_model)
-    start = checkpoints.load_trainer_state(out, model, opt, sched) if resume else 0
+    log_sums: dict[str, float] = {}
+    start = checkpoints.load_trainer_state(out, model, opt, sched, log_sums) if resume else 0
     if resume and ctx.is_main and checkpoints.checkpoint_step(out) != start:
         checkpoints.save_weights(model, out / checkpoints.MODEL_FILE, step=start)  # repair a missing or cut model file
-    loop = _Loop(model, task, config, ctx, opt, sched, out, quiet, tensorboard)  # validates before any write
-    environment = {**runs.environment(ctx.device, threads[0], ctx.world), "malloc": allocator.keep_freed_memory()}
+    loop = _Loop(model, task, config, ctx, opt, sched, out, quiet, tensorboard, log_sums)  # validates before any write
+    environment = {**runs.environment(ctx.device, threads[0], ctx.world), "malloc": allocator.keep_freed_memory(),
+                   "dropout": kernels.status()}
     if ctx.is_main:
         if not resume:
             out.mkdir(parents=True, exist_ok=True)
@@ -402,7 +404,8 @@ def summary(model: nn.Module, task: Task, config: TrainConfig, out: Path, enviro
         f"  steps {start:,} -> {config.steps:,} ({epochs:.2f} epochs), batch {config.batch_size} (global), "
         f"{config.optimizer} lr {config.lr:g}, warm-up {config.warmup}",
         f"  device {environment['device']}, {environment['threads']} thread(s) ({why}), world size "
-        f"{environment['world_size']}, precision {config.precision}; {environment['malloc']}",
+        f"{environment['world_size']}, precision {config.precision}",
+        f"  {environment['malloc']}; dropout masks: {environment['dropout']}",
         f"  run folder {out}"])
 
 
@@ -410,9 +413,10 @@ class _Loop:
     """The state of one training run; `run` reads top to bottom like a plain training loop."""
 
     def __init__(self, model, task, config: TrainConfig, ctx: distributed.Dist, opt, sched, out: Path,
-                 quiet: bool, tensorboard: bool):
+                 quiet: bool, tensorboard: bool, log_sums: dict[str, float] | None = None):
         self.model, self.task, self.config, self.ctx, self.opt, self.sched, self.out = \
             model, task, config, ctx, opt, sched, out
+        self.log_sums = log_sums or {}  # the metrics the resumed checkpoint had summed since its last row
         self.train_model = torch.compile(model) if config.compile else model
         if ctx.enabled:
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
@@ -432,7 +436,7 @@ class _Loop:
         self.best = runs.best_metric(self.out) if ctx.is_main else None
         running = None
         self.t0 = time.perf_counter()
-        window = _TrainingSums(self.t0)
+        self.window = window = _TrainingSums(self.t0, self.log_sums)
         last_val: dict[str, float] = {}
         self.model.train()
         for step in range(start, config.steps):
@@ -552,7 +556,7 @@ class _Loop:
     def checkpoint(self, step: int) -> None:
         self.check_weights(step)  # every rank: the weights are the same on all of them
         if self.ctx.is_main:
-            checkpoints.save_trainer_state(self.out, self.model, self.opt, self.sched, step)
+            checkpoints.save_trainer_state(self.out, self.model, self.opt, self.sched, step, self.window.sums())
 
     def check_weights(self, step: int) -> None:
         """Refuse to checkpoint non-finite or exploded weights: the kept checkpoint stays the last good one."""
@@ -575,10 +579,20 @@ class _Loop:
 
 
 class _TrainingSums:
-    """Sums between two training rows of metrics.jsonl."""
+    """Sums between two training rows of metrics.jsonl (``saved``: those a checkpoint held, on resume;
+    not the token count, whose rate is measured from the resumed process's start)."""
 
-    def __init__(self, t: float):
+    FIELDS = ("loss", "correct", "count")
+
+    def __init__(self, t: float, saved: dict[str, float] | None = None):
         self.t, self.tokens, self.loss, self.correct, self.count = t, 0, 0.0, 0.0, 0.0
+        for name, value in (saved or {}).items():
+            if name in self.FIELDS:
+                setattr(self, name, value)
+
+    def sums(self) -> dict[str, float]:
+        """What a checkpoint keeps, so that the resumed run's next row sums the same steps."""
+        return {name: float(getattr(self, name)) for name in self.FIELDS}
 
     def add(self, totals: dict[str, float], tokens: int) -> None:
         self.tokens += tokens

@@ -1,0 +1,178 @@
+"""The compiled dropout kernels (mlpmixer.kernels) against their torch reference, and the fallback."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mlpmixer import kernels
+from mlpmixer.layers import Dropout
+
+compiled = pytest.mark.skipif(kernels.library() is None, reason=f"no compiled kernels here: {kernels.status()}")
+DTYPES = (torch.float32, torch.bfloat16)
+KEYS = (0, 1, 2**64 - 1, 0x0123456789ABCDEF)
+
+
+def splitmix64_word(key: int, w: int) -> int:
+    """SplitMix64's output at position w + 1 from ``key``, in Python integers (the published algorithm)."""
+    m = (1 << 64) - 1
+    z = (key + (w + 1) * 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_torch_lanes_are_splitmix64_words_in_16_bit_lanes(key):
+    n = 4 * 37 + 3
+    want = [(splitmix64_word(key, e // 4) >> (16 * (e % 4))) & 0xFFFF for e in range(n)]
+    assert kernels.lanes(key, n).tolist() == want
+
+
+def test_splitmix64_reference_matches_a_published_value():
+    # SplitMix64 seeded with 1234567: first output 6457827717110365317 (Vigna's splitmix64.c)
+    assert splitmix64_word(1234567, 0) == 6457827717110365317
+
+
+@compiled
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 1023, 1024, 1025, 4099, 70001])
+@pytest.mark.parametrize("key", KEYS)
+def test_compiled_lanes_equal_the_torch_reference(n, key):
+    assert torch.equal(kernels.compiled_lanes(key, n), kernels.lanes(key, n))
+
+
+def test_lanes_are_uniform_and_independent():
+    u = kernels.lanes(12345, 1 << 22).double()
+    n = u.numel()
+    assert abs(u.mean().item() - 32767.5) < 5 * 65536 / math.sqrt(12 * n)
+    for t in (656, 6554, 32768, 58982):  # p = 0.01, 0.1, 0.5, 0.9
+        p = t / 65536
+        assert abs((u < t).double().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / n)
+    c = (u - u.mean()) / u.std()
+    for lag in (1, 2, 3, 4, 5):  # neighbours inside a word (1-3) and across words
+        assert abs((c[:-lag] * c[lag:]).mean().item()) < 5 / math.sqrt(n)
+    other = kernels.lanes(12346, 1 << 22).double()
+    assert abs(((other - other.mean()) / other.std() * c).mean().item()) < 5 / math.sqrt(n)
+
+
+def _keep(key: int, shape, threshold: int) -> torch.Tensor:
+    return (kernels.lanes(key, math.prod(shape)) >= threshold).view(shape)
+
+
+@compiled
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_row", [True, False])
+@pytest.mark.parametrize("shape", [(37, 1030), (128, 256), (3, 5)])
+def test_dropout_bias_equals_torch(dtype, per_row, shape):
+    rows, cols = shape
+    bias = torch.randn(rows if per_row else cols).to(dtype)
+    got = kernels.dropout_bias(bias, rows, cols, per_row, 77, 6554, -1e9)
+    hit = (~_keep(77, shape, 6554)).to(dtype)
+    want = torch.add(bias[:, None] if per_row else bias, hit, alpha=-1e9)
+    assert got.dtype == dtype and torch.equal(got, want)
+
+
+@compiled
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                    (torch.float32, torch.bfloat16)])
+def test_dropout_add_and_mul_equal_torch(dtypes):
+    xdt, bdt = dtypes
+    x, branch = torch.randn(5, 40001).to(xdt), torch.randn(5, 40001).to(bdt)
+    scale = 1 / (1 - 6554 / 65536)
+    keep = _keep(99, x.shape, 6554)
+    got = kernels.dropout_add(x, branch, 99, 6554, scale)
+    assert got.dtype == xdt and torch.equal(got, torch.addcmul(x, branch, keep.to(bdt), value=scale))
+    got = kernels.dropout_mul(branch, 99, 6554, scale)
+    assert torch.equal(got, branch.mul(keep.to(bdt)).mul_(scale))
+
+
+@compiled
+def test_results_do_not_depend_on_the_thread_count():
+    threads = torch.get_num_threads()
+    x, bias = torch.randn(300, 700), torch.randn(700)
+    try:
+        torch.set_num_threads(1)
+        one = (kernels.dropout_bias(bias, 300, 700, False, 5, 30000, -1e9), kernels.dropout_mul(x, 5, 30000, 2.0))
+        torch.set_num_threads(2)
+        two = (kernels.dropout_bias(bias, 300, 700, False, 5, 30000, -1e9), kernels.dropout_mul(x, 5, 30000, 2.0))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+@compiled
+@pytest.mark.parametrize("xdtype,bdtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16)])
+def test_residual_dropout_gradients_remake_the_forward_mask(xdtype, bdtype):
+    drop = Dropout(0.3).train()
+    x = torch.randn(64, 33, dtype=xdtype, requires_grad=True)
+    branch = torch.randn(64, 33).to(bdtype).requires_grad_()
+    torch.manual_seed(3)
+    y = drop.add_to(x, branch)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    torch.manual_seed(3)
+    mask = drop.mask(branch.shape, torch.float32)
+    assert torch.equal(x.grad, dy)
+    assert branch.grad.dtype == bdtype
+    torch.testing.assert_close(branch.grad.float(), (dy * mask).to(bdtype).float())
+    torch.testing.assert_close(y, x.detach() + branch.detach().float() * mask)
+
+
+@compiled
+def test_dropout_forward_and_backward_share_the_mask():
+    drop = Dropout(0.5).train()
+    x = torch.randn(1000, requires_grad=True)
+    y = drop(x)
+    y.sum().backward()
+    kept = y != 0
+    assert torch.equal(x.grad, kept.float() * drop.scale)
+    assert 400 < int(kept.sum()) < 600
+
+
+def test_float64_uses_the_torch_path_with_the_same_distribution():
+    drop = Dropout(0.25).train()
+    torch.manual_seed(0)
+    y = drop(torch.ones(1 << 16, dtype=torch.float64))
+    assert abs((y == 0).double().mean().item() - drop.threshold / 65536) < 0.01
+    assert set(y.unique().tolist()) == {0.0, drop.scale}
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **env})
+
+
+STATUS = "from mlpmixer import kernels; print(kernels.status())"
+
+
+def test_disabled_or_unbuildable_kernels_fall_back_to_torch(tmp_path):
+    off = _python(STATUS, MLPMIXER_KERNELS="0")
+    assert off.returncode == 0 and off.stdout.strip() == "torch (MLPMIXER_KERNELS=0)"
+    none = _python(STATUS, CC=str(tmp_path / "no-such-cc"), MLPMIXER_CACHE_DIR=str(tmp_path / "c1"))
+    assert none.returncode == 0 and none.stdout.startswith("torch (no C compiler")
+    bad_cc = tmp_path / "bad-cc"
+    bad_cc.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo bad-cc 1.0 && exit 0\necho 'bad-cc: error: broken' >&2\nexit 1\n")
+    bad_cc.chmod(0o755)
+    bad = _python(STATUS, CC=str(bad_cc), MLPMIXER_CACHE_DIR=str(tmp_path / "c2"))
+    assert bad.returncode == 0 and bad.stdout.startswith("torch (the kernels could not be built"), bad.stdout
+    assert not list((tmp_path / "c2").iterdir())  # no temporary file left behind
+    step = ("import torch; from mlpmixer.layers import Dropout; torch.manual_seed(0); "
+            "print(float(Dropout(0.1).train().add_to(torch.zeros(4096), torch.ones(4096)).sum()))")
+    assert _python(step, MLPMIXER_KERNELS="0").returncode == 0
+
+
+@compiled
+def test_the_build_is_cached_per_source_and_machine(tmp_path):
+    first = _python(STATUS, MLPMIXER_CACHE_DIR=str(tmp_path))
+    assert first.returncode == 0 and first.stdout.startswith("compiled kernels"), first.stdout + first.stderr
+    built = list(tmp_path.glob("kernels-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    again = _python(STATUS, MLPMIXER_CACHE_DIR=str(tmp_path))
+    assert again.stdout == first.stdout and built[0].stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in tmp_path.iterdir()) == [built[0].name]
