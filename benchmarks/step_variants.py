@@ -1,6 +1,6 @@
 """A/B of the MLM seed step's variants, each alone in its own process (issue 17).
 
-    python -m benchmarks.step_variants [--threads 2 1] [--rounds 6]
+    python -m benchmarks.step_variants [--threads 2 1] [--rounds 6] [--variants malloc+keep floor ...]
 
 Variants: ``library`` (glibc's malloc defaults, so σ(h) is recomputed in backward), ``malloc`` (malloc
 keeps freed memory, σ(h) still recomputed), ``malloc+keep`` (what `mlpmixer train` runs: malloc keeps
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[2, 1])
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--time-child", nargs=1)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--reps", type=int, default=30)
@@ -46,9 +47,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(f"MLM seed step variants, fp32; {common.header_conditions()}\n")
     for threads in args.threads:
-        med = common.time_alone("benchmarks.step_variants", {v: (v,) for v in VARIANTS}, rounds=args.rounds,
+        med = common.time_alone("benchmarks.step_variants", {v: (v,) for v in args.variants}, rounds=args.rounds,
                                 warmup=args.warmup, reps=args.reps, threads=threads)
-        floor = med["floor"].median if isinstance(med["floor"], common.Timing) else float("nan")
+        floor = med["floor"].median if isinstance(med.get("floor"), common.Timing) else float("nan")
         rows = [[v, t if isinstance(t, str) else f"{t.median * 1e3:.1f} ({t.spread()})",
                  "" if isinstance(t, str) else f"{t.median / floor:.2f}×"] for v, t in med.items()]
         print(f"### {threads} thread{'s' * (threads > 1)}\n\n" + common.table(["variant", "ms/step", "× floor"], rows))
