@@ -176,3 +176,13 @@ def test_the_build_is_cached_per_source_and_machine(tmp_path):
     again = _python(STATUS, MLPMIXER_CACHE_DIR=str(tmp_path))
     assert again.stdout == first.stdout and built[0].stat().st_mtime_ns == stamp
     assert sorted(p.name for p in tmp_path.iterdir()) == [built[0].name]
+
+
+@compiled
+def test_a_damaged_cached_build_is_built_again(tmp_path):
+    assert _python(STATUS, MLPMIXER_CACHE_DIR=str(tmp_path)).stdout.startswith("compiled kernels")
+    (built,) = tmp_path.glob("kernels-*.so")
+    built.write_bytes(b"not a shared library")
+    again = _python(STATUS, MLPMIXER_CACHE_DIR=str(tmp_path))
+    assert again.returncode == 0 and again.stdout.startswith("compiled kernels"), again.stdout + again.stderr
+    assert built.read_bytes()[:4] == b"\x7fELF"

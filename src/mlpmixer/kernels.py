@@ -100,7 +100,12 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     path = _cache_dir() / f"kernels-{_build_key(compiler)}.so"
     if not path.exists():
         _compile(cc, path)
-    lib = ctypes.CDLL(str(path))
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError:  # our own cached build, unreadable (cut short, another machine's): build it again, once
+        path.unlink(missing_ok=True)
+        _compile(cc, path)
+        lib = ctypes.CDLL(str(path))
     _declare(lib)
     return lib, f"compiled kernels ({compiler}, {' '.join(FLAGS[:2])})"
 
@@ -119,7 +124,7 @@ def _cache_dir() -> Path:
 
 
 def _build_key(compiler: str) -> str:
-    """Source, compiler, flags, torch's OpenMP and this CPU's instruction sets: -march=native code is
+    """Source, compiler, flags, torch's version and this CPU's instruction sets: -march=native code is
     for this machine only, so a cache shared between machines holds one build per CPU type."""
     try:
         flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
@@ -146,18 +151,18 @@ def _compile(cc: str, path: Path) -> None:
 
 
 def _declare(lib: ctypes.CDLL) -> None:
+    """The C signatures (`kernels.c`), so ctypes converts the Python arguments exactly."""
     p, i64, u64, u32, f, i = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float,
                               ctypes.c_int)
+    signatures = {"mlpmixer_lanes": [p, i64, u64]}
     for name in DTYPES.values():
-        getattr(lib, f"mlpmixer_dropout_bias_{name}").argtypes = [p, p, i64, i64, i, u64, u32, f, i]
-        getattr(lib, f"mlpmixer_dropout_mul_{name}").argtypes = [p, p, i64, u64, u32, f, i]
+        signatures[f"mlpmixer_dropout_bias_{name}"] = [p, p, i64, i64, i, u64, u32, f, i]
+        signatures[f"mlpmixer_dropout_mul_{name}"] = [p, p, i64, u64, u32, f, i]
     for name in ("f32", "bf16", "f32_bf16"):
-        getattr(lib, f"mlpmixer_dropout_add_{name}").argtypes = [p, p, p, i64, u64, u32, f, i]
-    lib.mlpmixer_lanes.argtypes = [p, i64, u64]
-    for fn in ("bias", "mul", "add"):
-        for name in ("f32", "bf16", "f32_bf16"):
-            if hasattr(lib, f"mlpmixer_dropout_{fn}_{name}"):
-                getattr(lib, f"mlpmixer_dropout_{fn}_{name}").restype = None
+        signatures[f"mlpmixer_dropout_add_{name}"] = [p, p, p, i64, u64, u32, f, i]
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
 
 
 def supports(*tensors: Tensor) -> bool:
