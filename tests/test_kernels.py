@@ -186,3 +186,45 @@ def test_a_damaged_cached_build_is_built_again(tmp_path):
     again = _python(STATUS, MLPMIXER_CACHE_DIR=str(tmp_path))
     assert again.returncode == 0 and again.stdout.startswith("compiled kernels"), again.stdout + again.stderr
     assert built.read_bytes()[:4] == b"\x7fELF"
+
+
+@compiled
+def test_bfloat16_gelu_by_table_is_torchs_gelu_bit_for_bit():
+    every = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    finite = torch.isfinite(every)
+    got, want = kernels.gelu_bf16(every), torch.nn.functional.gelu(every)
+    assert torch.equal(got[finite], want[finite]) and torch.isnan(got[~finite & torch.isnan(every)]).all()
+    torch.manual_seed(0)
+    for shape in [(3,), (1025, 7), (128, 8192)]:
+        h = (torch.randn(shape) * 4).to(torch.bfloat16)
+        assert torch.equal(kernels.gelu_bf16(h), torch.nn.functional.gelu(h))
+        dy = torch.randn(shape).to(torch.bfloat16)
+        want = torch.ops.aten.gelu_backward(dy, h)
+        got = kernels.gelu_backward_bf16_(dy.clone(), h)
+        assert torch.equal(got, want)
+    h = torch.tensor([-1e9, -1e4, -10.0, 0.0, 1e-30, 10.0, 1e4], dtype=torch.bfloat16)  # dropped units: exactly 0
+    dy = torch.ones_like(h)
+    assert torch.equal(kernels.gelu_bf16(h), torch.nn.functional.gelu(h))
+    assert torch.equal(kernels.gelu_backward_bf16_(dy.clone(), h), torch.ops.aten.gelu_backward(dy, h))
+
+
+@compiled
+def test_the_fused_mlp_under_bf16_autocast_equals_torchs_ops():
+    from mlpmixer import fused
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 300, requires_grad=True)
+    w1, b1 = torch.randn(64, 32, requires_grad=True), torch.randn(64, requires_grad=True)
+    w2, b2 = torch.randn(32, 64, requires_grad=True), torch.randn(32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fused.mlp(x, w1, b1, w2, b2, "gelu", left=True)
+    y.float().square().sum().backward()
+    got = [t.grad.clone() for t in (x, w1, b1, w2, b2)]
+    for t in (x, w1, b1, w2, b2):
+        t.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the same products, torch's own GELU
+        want_y = torch.addmm(b2[:, None], w2, torch.nn.functional.gelu(torch.addmm(b1[:, None], w1, x)))
+    want_y.float().square().sum().backward()
+    assert torch.equal(y, want_y)
+    for g, t in zip(got, (x, w1, b1, w2, b2)):
+        torch.testing.assert_close(g, t.grad, rtol=2e-2, atol=2e-2)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import allocator
+from . import allocator, kernels
 
 ACT_FORWARD = {
     "gelu": F.gelu,
@@ -79,6 +79,20 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
+def _forward(activation: str, h: Tensor) -> Tensor:
+    """σ(h); a bfloat16 exact GELU by the compiled table lookup (torch's result, bit for bit)."""
+    if activation == "gelu" and h.dtype == torch.bfloat16 and kernels.supports(h):
+        return kernels.gelu_bf16(h)
+    return ACT_FORWARD[activation](h)
+
+
+def _backward_(activation: str, g: Tensor, h: Tensor) -> Tensor:
+    """σ'(h) · g written over g; a bfloat16 exact GELU by the compiled table lookup."""
+    if activation == "gelu" and h.dtype == torch.bfloat16 and g.is_contiguous() and kernels.supports(h):
+        return kernels.gelu_backward_bf16_(g, h)
+    return ACT_BACKWARD_[activation](g, h)
+
+
 class _Mlp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, activation: str, left: bool,
@@ -92,7 +106,7 @@ class _Mlp(torch.autograd.Function):
             scale = dropout.scale
             h = dropout.biased(b1, shape, per_row=left, dropped=dropped_value(x.dtype))
             h = h.addmm_(w1, x) if left else h.addmm_(x, w1.t())  # accumulate the product into it: no copy
-        g = ACT_FORWARD[activation](h)
+        g = _forward(activation, h)
         w2s = w2 if scale == 1.0 else w2 * scale
         y = torch.addmm(b2[:, None], w2s, g) if left else torch.addmm(b2, g, w2s.t())
         keep = allocator.keeping() and g.numel() * g.element_size() <= KEEP_ACTIVATION_BYTES
@@ -105,7 +119,7 @@ class _Mlp(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         x, w1, w2s, h, *kept = ctx.saved_tensors
         left, scale = ctx.left, ctx.scale
-        g = kept[0] if kept else ACT_FORWARD[ctx.activation](h)  # σ(h), kept or recomputed; dropped units are 0
+        g = kept[0] if kept else _forward(ctx.activation, h)  # σ(h), kept or recomputed; dropped units are 0
         dw2 = dy @ g.t() if left else dy.t() @ g
         if scale != 1.0:
             dw2.mul_(scale)  # W2 entered as W2 · scale
@@ -113,7 +127,7 @@ class _Mlp(torch.autograd.Function):
         # h's (fewer fresh pages per step); a kept one belongs to the graph, which may run backward again
         buf = torch.empty_like(g) if kept else g
         torch.mm(w2s.t(), dy, out=buf) if left else torch.mm(dy, w2s, out=buf)  # gradient w.r.t. σ(h)
-        dh = ACT_BACKWARD_[ctx.activation](buf, h)
+        dh = _backward_(ctx.activation, buf, h)
         dw1 = dh @ x.t() if left else dh.t() @ x
         dx = (w1.t() @ dh if left else dh @ w1) if ctx.needs_input_grad[0] else None
         db1, db2 = (dh.sum(1), dy.sum(1)) if left else (dh.sum(0), dy.sum(0))

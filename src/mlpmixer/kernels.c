@@ -117,3 +117,19 @@ DROPOUT_ADD(mlpmixer_dropout_add_bf16, uint16_t, load_bf16, store_bf16, uint16_t
 DROPOUT_ADD(mlpmixer_dropout_add_f32_bf16, float, load_f32, store_f32, uint16_t, load_bf16)
 DROPOUT_MUL(mlpmixer_dropout_mul_f32, float, load_f32, store_f32)
 DROPOUT_MUL(mlpmixer_dropout_mul_bf16, uint16_t, load_bf16, store_bf16)
+
+/* GELU on bfloat16 by table: a bfloat16 has 65,536 values, so σ(h) is one lookup in `table` (the
+ * bfloat16 results torch's own gelu gives for each value, widened to 32 bits for the gather) and the
+ * backward σ'(h)·dy one lookup in `slope` (torch's float32 derivative) and one product, rounded once as
+ * torch's bfloat16 gelu_backward rounds it (kernels.py builds both tables with torch and the tests
+ * hold the results equal to torch's). `out` may be `dy`. */
+void mlpmixer_gelu_bf16(uint16_t *out, const uint16_t *h, int64_t n, const uint32_t *table, int nthreads) {
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static) if(n >= PARALLEL_MIN)")
+    for (int64_t e = 0; e < n; ++e) out[e] = (uint16_t)table[h[e]];
+}
+
+void mlpmixer_gelu_backward_bf16(uint16_t *out, const uint16_t *dy, const uint16_t *h, int64_t n,
+                                 const float *slope, int nthreads) {
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static) if(n >= PARALLEL_MIN)")
+    for (int64_t e = 0; e < n; ++e) out[e] = store_bf16(load_bf16(dy[e]) * slope[h[e]]);
+}

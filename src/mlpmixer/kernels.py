@@ -9,7 +9,9 @@ alone: lane e % 4 of SplitMix64's output at position e // 4 + 1 of the stream st
 counter-based generator). So any thread can make any element's bits, the result does not depend on
 the thread count, one pass writes the dropped-and-biased pre-activation (`dropout_bias`), the
 residual sum (`dropout_add`) or the masked gradient (`dropout_mul`), and backward makes the mask
-again from the key instead of keeping it.
+again from the key instead of keeping it. The same library holds GELU for bfloat16 by table lookup
+(`gelu_bf16`, `gelu_backward_bf16_`: a bfloat16 has 65,536 values, and the tables hold torch's own
+results for each, so the lookups equal torch's GELU bit for bit at a fraction of its time).
 
 `kernels.c` does this in C with OpenMP (torch's own OpenMP runtime, so no second thread pool),
 compiled once per machine with the system's C compiler into the user cache
@@ -160,6 +162,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         signatures[f"mlpmixer_dropout_mul_{name}"] = [p, p, i64, u64, u32, f, i]
     for name in ("f32", "bf16", "f32_bf16"):
         signatures[f"mlpmixer_dropout_add_{name}"] = [p, p, p, i64, u64, u32, f, i]
+    signatures["mlpmixer_gelu_bf16"] = [p, p, i64, p, i]
+    signatures["mlpmixer_gelu_backward_bf16"] = [p, p, p, i64, p, i]
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, None
@@ -218,3 +222,35 @@ def dropout_mul(t: Tensor, key: int, threshold: int, scale: float) -> Tensor:
     getattr(_need(), f"mlpmixer_dropout_mul_{DTYPES[t.dtype]}")(out.data_ptr(), t.data_ptr(), t.numel(), key,
                                                                 threshold, scale, torch.get_num_threads())
     return out
+
+
+_gelu_tables: tuple[Tensor, Tensor] | None = None
+
+
+def gelu_tables() -> tuple[Tensor, Tensor]:
+    """For every bfloat16 value (by its 16 bits): torch's bfloat16 GELU of it (int32, for the C gather)
+    and torch's float32 GELU slope at it — made by torch itself, so the lookups give torch's results."""
+    global _gelu_tables
+    if _gelu_tables is None:
+        every = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+        value = torch.nn.functional.gelu(every).view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF)
+        slope = torch.ops.aten.gelu_backward(torch.ones(1 << 16), every.float())
+        _gelu_tables = value.contiguous(), slope.contiguous()
+    return _gelu_tables
+
+
+def gelu_bf16(h: Tensor) -> Tensor:
+    """torch's exact GELU of a bfloat16 tensor, bit for bit, by one table lookup per element."""
+    h = h.contiguous()
+    out = torch.empty_like(h)
+    _need().mlpmixer_gelu_bf16(out.data_ptr(), h.data_ptr(), h.numel(), gelu_tables()[0].data_ptr(),
+                               torch.get_num_threads())
+    return out
+
+
+def gelu_backward_bf16_(dy: Tensor, h: Tensor) -> Tensor:
+    """torch's ``gelu_backward(dy, h)`` for bfloat16, bit for bit, written over ``dy`` (contiguous)."""
+    h = h.contiguous()
+    _need().mlpmixer_gelu_backward_bf16(dy.data_ptr(), dy.data_ptr(), h.data_ptr(), h.numel(),
+                                        gelu_tables()[1].data_ptr(), torch.get_num_threads())
+    return dy
