@@ -153,12 +153,12 @@ STATUS = "from mlpmixer import kernels; print(kernels.status())"
 def test_disabled_or_unbuildable_kernels_fall_back_to_torch(tmp_path):
     off = _python(STATUS, MLPMIXER_KERNELS="0")
     assert off.returncode == 0 and off.stdout.strip() == "torch (MLPMIXER_KERNELS=0)"
-    none = _python(STATUS, CC=str(tmp_path / "no-such-cc"), MLPMIXER_CACHE_DIR=str(tmp_path / "c1"))
+    none = _python(STATUS, CC=str(tmp_path / "no-such-cc"), MLPMIXER_CACHE_DIR=str(tmp_path / "c1"), MLPMIXER_KERNELS="1")
     assert none.returncode == 0 and none.stdout.startswith("torch (no C compiler")
     bad_cc = tmp_path / "bad-cc"
     bad_cc.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo bad-cc 1.0 && exit 0\necho 'bad-cc: error: broken' >&2\nexit 1\n")
     bad_cc.chmod(0o755)
-    bad = _python(STATUS, CC=str(bad_cc), MLPMIXER_CACHE_DIR=str(tmp_path / "c2"))
+    bad = _python(STATUS, CC=str(bad_cc), MLPMIXER_CACHE_DIR=str(tmp_path / "c2"), MLPMIXER_KERNELS="1")
     assert bad.returncode == 0 and bad.stdout.startswith("torch (the kernels could not be built"), bad.stdout
     assert not list((tmp_path / "c2").iterdir())  # no temporary file left behind
     step = ("import torch; from mlpmixer.layers import Dropout; torch.manual_seed(0); "
