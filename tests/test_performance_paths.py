@@ -358,3 +358,4 @@ def test_allocator_setting_is_made_once_and_said():
     said = allocator.keep_freed_memory()
     assert said == allocator.keep_freed_memory()
     assert "glibc" in said or "unchanged" in said or "MALLOC" in said or "LD_PRELOAD" in said
+    assert allocator.keeping() == ("keeps freed memory" in said)  # the flag says what the message says

@@ -21,6 +21,7 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, <malloc.h>
 MMAP_THRESHOLD = 32 << 20  # glibc's maximum on 64-bit (HEAP_MAX_SIZE / 2)
 TRIM_THRESHOLD = (1 << 31) - 1  # int: never trim in practice
 _done: str | None = None
+_keeping = False
 
 
 def keep_freed_memory() -> str:
@@ -35,7 +36,7 @@ def keeping() -> bool:
     """Whether `keep_freed_memory` set malloc to keep freed memory in this process (what makes keeping a
     small σ(h) for backward pay, `fused.KEEP_ACTIVATION_BYTES`: without it, the extra tensor's fresh
     pages cost more than the recomputation it saves)."""
-    return _done is not None and _done.startswith("glibc")
+    return _keeping
 
 
 def _apply() -> str:
@@ -50,6 +51,8 @@ def _apply() -> str:
     except (OSError, AttributeError, TypeError):
         return "malloc unchanged (not glibc)"
     gnu_version.restype = ctypes.c_char_p
+    global _keeping
     ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    _keeping = ok
     return (f"glibc {gnu_version().decode()} malloc keeps freed memory (blocks < 32 MiB from the heap, no trim)"
             if ok else "malloc unchanged (mallopt refused)")
