@@ -73,36 +73,33 @@ static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
         }                                                                                            \
     }
 
+/* `BODY` for every element e < n, which sees e and the element's lane u: the elements go in tasks of
+ * BLOCK over the threads, each task's lanes made on its stack first */
+#define FOR_EACH_LANE(n, key, BODY)                                                                  \
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static) if(n >= PARALLEL_MIN)")         \
+    for (int64_t task = 0; task < ((n) + BLOCK - 1) / BLOCK; ++task) {                               \
+        const int64_t e0 = task * BLOCK, m = min64(BLOCK, (n) - e0);                                 \
+        uint16_t lanes[BLOCK];                                                                       \
+        draw(key, e0, m, lanes);                                                                     \
+        for (int64_t k = 0; k < m; ++k) {                                                            \
+            const int64_t e = e0 + k;                                                                \
+            const uint32_t u = lanes[k];                                                             \
+            BODY;                                                                                    \
+        }                                                                                            \
+    }
+
 /* out = x + branch * scale where kept, x where dropped (a residual add with dropout on the branch);
  * the branch may be bfloat16 beside a float32 x (autocast's products feeding a float32 residual) */
 #define DROPOUT_ADD(NAME, T, LOAD, STORE, TB, LOADB)                                                 \
     void NAME(T *out, const T *x, const TB *branch, int64_t n, uint64_t key, uint32_t thr,          \
               float scale, int nthreads) {                                                          \
-        const int64_t tasks = (n + BLOCK - 1) / BLOCK;                                               \
-        _Pragma("omp parallel for num_threads(nthreads) schedule(static) if(n >= PARALLEL_MIN)")     \
-        for (int64_t t = 0; t < tasks; ++t) {                                                        \
-            const int64_t e0 = t * BLOCK, m = min64(BLOCK, n - e0);                                  \
-            uint16_t lanes[BLOCK];                                                                   \
-            draw(key, e0, m, lanes);                                                                 \
-            for (int64_t k = 0; k < m; ++k) {                                                        \
-                const float v = LOAD(x[e0 + k]);                                                     \
-                out[e0 + k] = STORE(lanes[k] < thr ? v : v + LOADB(branch[e0 + k]) * scale);         \
-            }                                                                                        \
-        }                                                                                            \
+        FOR_EACH_LANE(n, key, out[e] = STORE(u < thr ? LOAD(x[e]) : LOAD(x[e]) + LOADB(branch[e]) * scale)); \
     }
 
 /* out = t * scale where kept, 0 where dropped (dropout itself, and every dropout's backward) */
 #define DROPOUT_MUL(NAME, T, LOAD, STORE)                                                            \
     void NAME(T *out, const T *t, int64_t n, uint64_t key, uint32_t thr, float scale, int nthreads) { \
-        const int64_t tasks = (n + BLOCK - 1) / BLOCK;                                               \
-        _Pragma("omp parallel for num_threads(nthreads) schedule(static) if(n >= PARALLEL_MIN)")     \
-        for (int64_t s = 0; s < tasks; ++s) {                                                        \
-            const int64_t e0 = s * BLOCK, m = min64(BLOCK, n - e0);                                  \
-            uint16_t lanes[BLOCK];                                                                   \
-            draw(key, e0, m, lanes);                                                                 \
-            for (int64_t k = 0; k < m; ++k)                                                          \
-                out[e0 + k] = STORE(lanes[k] < thr ? 0.0f : LOAD(t[e0 + k]) * scale);                \
-        }                                                                                            \
+        FOR_EACH_LANE(n, key, out[e] = STORE(u < thr ? 0.0f : LOAD(t[e]) * scale));                \
     }
 
 /* the raw lanes of elements 0 … n - 1 (for tests: the same bits as kernels.lanes) */

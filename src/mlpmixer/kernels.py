@@ -19,7 +19,7 @@ compiled once per machine with the system's C compiler into the user cache
 float32 and bfloat16. `lanes` computes the same bits with torch operations: the reference the tests
 hold the C code to. Without a compiler, with ``MLPMIXER_KERNELS=0``, or for other dtypes,
 `layers.Dropout` keeps its torch implementation (torch's generator, a stored mask: the same
-distribution, other draws, and about 20 % slower steps), because the torch form of this generator
+distribution, other draws, and 10–20 % slower steps), because the torch form of this generator
 is slower still. `status` says which is in use (``mlpmixer train`` records it in config.json).
 """
 
@@ -171,7 +171,7 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 def supports(*tensors: Tensor) -> bool:
     """Whether the compiled kernels exist here and take these tensors (CPU, float32 or bfloat16)."""
-    return all(t.device.type == "cpu" and t.dtype in DTYPES for t in tensors) and library() is not None
+    return all(t.device.type == "cpu" and supports_dtype(t.dtype) for t in tensors)
 
 
 def supports_dtype(dtype: torch.dtype) -> bool:

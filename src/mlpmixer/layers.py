@@ -108,6 +108,8 @@ class Dropout(nn.Module):
         if x.shape == branch.shape and kernels.supports(x, branch) and (
                 x.dtype == branch.dtype or (x.dtype, branch.dtype) == (torch.float32, torch.bfloat16)):
             return _DropoutAdd.apply(x, branch, kernels.new_key(), self.threshold, self.scale)
+        if kernels.supports(branch):  # broadcasting or another dtype pair: the compiled mask, then torch's add
+            return x + self(branch)
         return torch.addcmul(x, branch, self.indicator(branch.shape, branch.dtype, dropped=False), value=self.scale)
 
 
