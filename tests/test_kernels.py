@@ -228,3 +228,15 @@ def test_the_fused_mlp_under_bf16_autocast_equals_torchs_ops():
     assert torch.equal(y, want_y)
     for g, t in zip(got, (x, w1, b1, w2, b2)):
         torch.testing.assert_close(g, t.grad, rtol=2e-2, atol=2e-2)
+
+
+@compiled
+def test_residual_dropout_with_broadcasting_or_another_dtype_pair_uses_the_same_mask():
+    drop = Dropout(0.3).train()
+    for x, branch in ((torch.randn(4, 1, 7), torch.randn(4, 5, 7)),  # broadcast
+                      (torch.randn(4, 5, 7, dtype=torch.bfloat16), torch.randn(4, 5, 7))):  # bf16 x, fp32 branch
+        torch.manual_seed(1)
+        got = drop.add_to(x, branch)
+        torch.manual_seed(1)
+        want = torch.addcmul(x, branch, drop.indicator(branch.shape, branch.dtype, dropped=False), value=drop.scale)
+        assert got.dtype == want.dtype and torch.equal(got, want)
