@@ -240,3 +240,65 @@ def test_residual_dropout_with_broadcasting_or_another_dtype_pair_uses_the_same_
         torch.manual_seed(1)
         want = torch.addcmul(x, branch, drop.indicator(branch.shape, branch.dtype, dropped=False), value=drop.scale)
         assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+@compiled
+def test_dropout_mul_into_bfloat16_rounds_the_float32_product_once():
+    t = torch.randn(3, 40001)
+    scale = 1 / (1 - 6554 / 65536)
+    got = kernels.dropout_mul(t, 7, 6554, scale, dtype=torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, kernels.dropout_mul(t, 7, 6554, scale).to(torch.bfloat16))
+
+
+def _layer_norm_case(rows: int, d: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, d, generator=g) * 3 + 1
+    return x, torch.randn(d, generator=g), torch.randn(d, generator=g)
+
+
+@compiled
+@pytest.mark.parametrize("shape", [(2048, 128), (7, 3, 16), (1, 512)])
+def test_layer_norm_kernel_equals_torch_to_float32_rounding(shape):
+    x, w, b = _layer_norm_case(-(-math.prod(shape) // shape[-1]), shape[-1])
+    x = x.view(shape)
+    y, mean, rstd = kernels.layer_norm(x, w, b, 1e-5)
+    want, want_mean, want_rstd = torch.ops.aten.native_layer_norm(x, [shape[-1]], w, b, 1e-5)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mean, want_mean.reshape(-1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rstd, want_rstd.reshape(-1), rtol=1e-5, atol=0)
+    low, *_ = kernels.layer_norm(x, w, b, 1e-5, torch.bfloat16)  # the cast rides in the same pass
+    assert low.dtype == torch.bfloat16 and torch.equal(low, y.to(torch.bfloat16))
+
+
+@compiled
+@pytest.mark.parametrize("grad_dtype", DTYPES)
+@pytest.mark.parametrize("residual", [False, True])
+def test_layer_norm_backward_kernel_equals_autograd(grad_dtype, residual):
+    x, w, b = _layer_norm_case(300, 64, seed=1)
+    dy = torch.randn(300, 64).to(grad_dtype)
+    res = torch.randn(300, 64) if residual else None
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    torch.nn.functional.layer_norm(xr, (64,), wr, br, 1e-5).backward(dy.float())
+    _, mean, rstd = kernels.layer_norm(x, w, b, 1e-5)
+    dx, dw, db = kernels.layer_norm_backward(dy, x, mean, rstd, w, residual=res)
+    torch.testing.assert_close(dx, xr.grad + (res if residual else 0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dw, wr.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(db, br.grad, rtol=1e-4, atol=1e-4)
+
+
+@compiled
+def test_layer_norm_results_do_not_depend_on_the_thread_count():
+    x, w, b = _layer_norm_case(1000, 128, seed=2)
+    dy = torch.randn(1000, 128)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            y, mean, rstd = kernels.layer_norm(x, w, b, 1e-5)
+            runs.append((y, *kernels.layer_norm_backward(dy, x, mean, rstd, w)))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

@@ -2,6 +2,8 @@
 
 - `fused.mlp` (one autograd node, σ(h) kept or recomputed for backward, dropout folded into the bias and W2)
   against nn.Linear → σ → mask → nn.Linear under ordinary autograd, forward and every gradient;
+- `fused.residual_mlp` (x + drop(MLP(LN(x))) as one node, Eq. 1 and Eq. 2) against the block's modules,
+  fp32 and bf16 autocast, with dropout, causal, shorter sequences; which blocks take it;
 - sequence-first blocks and vision model against their batch-first forms;
 - gradient checkpointing against no checkpointing (dropout and drop-path replayed exactly);
 - `Dropout`: drop fraction, unbiased mean, independence of neighbours (also the four 16-bit lanes of
@@ -359,3 +361,78 @@ def test_allocator_setting_is_made_once_and_said():
     assert said == allocator.keep_freed_memory()
     assert "glibc" in said or "unchanged" in said or "MALLOC" in said or "LD_PRELOAD" in said
     assert allocator.keeping() == ("keeps freed memory" in said)  # the flag says what the message says
+
+
+def _block_run(block, xs, fuse: bool, dtype=None, seed=3):
+    """Output and gradients of ``block.forward_seq_first`` with `fused.residual_mlp` on or off."""
+    block.zero_grad(set_to_none=True)
+    x = xs.clone().requires_grad_()
+    fusable = MixerBlock._fusable
+    try:
+        if not fuse:
+            MixerBlock._fusable = lambda self, xs: False
+        torch.manual_seed(seed)  # the same dropout keys, drawn in the same order, on both paths
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            y = block.forward_seq_first(x)
+        y.float().pow(2).sum().backward()
+    finally:
+        MixerBlock._fusable = fusable
+    return y.detach(), x.grad, {n: p.grad for n, p in block.named_parameters()}
+
+
+@pytest.mark.skipif(not fused.kernels.supports_dtype(torch.float32), reason="no compiled kernels here")
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n", [12, 9])
+def test_each_residual_branch_as_one_node_equals_the_modules(training, causal, n):
+    torch.manual_seed(0)
+    block = MixerBlock(32, TokenMixingMlp(12, 12 if causal else 20, dropout=0.1, causal=causal), 48, dropout=0.1)
+    block.train(training)
+    xs = torch.randn(n, 5, 32)  # (N, B, D), sequence-first
+    calls = []
+    real = fused.residual_mlp
+    fused.residual_mlp = lambda *a, **k: (calls.append(a[-3]), real(*a, **k))[1]  # records ``left``
+    try:
+        got = _block_run(block, xs, fuse=True)
+    finally:
+        fused.residual_mlp = real
+    want = _block_run(block, xs, fuse=False)
+    assert calls == [True, False]  # Eq. 1, then Eq. 2
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
+    for name, grad in want[2].items():
+        torch.testing.assert_close(got[2][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(not fused.kernels.supports_dtype(torch.bfloat16), reason="no compiled kernels here")
+def test_each_residual_branch_as_one_node_under_bf16_autocast_keeps_fp32_results_and_gradients():
+    torch.manual_seed(0)
+    block = MixerBlock(32, TokenMixingMlp(12, 20, dropout=0.1), 48, dropout=0.1).train()
+    xs = torch.randn(12, 5, 32)
+    got, want = _block_run(block, xs, True, torch.bfloat16), _block_run(block, xs, False, torch.bfloat16)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    assert all(g.dtype == torch.float32 for g in got[2].values())
+    # the two paths differ only where a float32 LayerNorm rounds to another bfloat16 neighbour
+    torch.testing.assert_close(got[0], want[0], rtol=0.02, atol=0.02)
+    for name, grad in want[2].items():
+        assert (got[2][name] - grad).norm() <= 0.02 * grad.norm() + 1e-6, name
+
+
+def test_padding_stochastic_depth_and_other_mixers_take_the_modules_path():
+    from mlpmixer.attention import SelfAttention
+    xs = torch.randn(12, 5, 32)
+    plain = MixerBlock(32, TokenMixingMlp(12, 20), 48).train()
+    assert plain._fusable(xs) == fused.kernels.supports(xs)
+    assert not MixerBlock(32, TokenMixingMlp(12, 20), 48, drop_path=0.1).train()._fusable(xs)
+    assert MixerBlock(32, TokenMixingMlp(12, 20), 48, drop_path=0.1).eval()._fusable(xs) == fused.kernels.supports(xs)
+    assert not MixerBlock(32, SelfAttention(32, 4), 48)._fusable(xs)
+    assert not MixerBlock(24, TokenMixingMlp(12, 20), 48)._fusable(torch.randn(12, 5, 24))  # 24 % 16 != 0
+    assert not plain._fusable(xs.double())
+    calls = []
+    real = fused.residual_mlp
+    fused.residual_mlp = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    try:
+        plain.forward_seq_first(xs, torch.zeros(5, 12, dtype=torch.bool))  # a padding mask: the modules
+    finally:
+        fused.residual_mlp = real
+    assert calls == []

@@ -63,9 +63,9 @@ def mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, activation: s
     """
     dt = autocast_dtype(x.device.type)
     if dt is not None:
-        with torch.autocast(x.device.type, enabled=False):
-            return _Mlp.apply(x.to(dt), w1.to(dt), b1.to(dt), w2.to(dt), b2.to(dt), activation, left, dropout)
-    return _Mlp.apply(x, w1, b1, w2, b2, activation, left, dropout)
+        with torch.autocast(x.device.type, enabled=False):  # the node casts: no cast node per input
+            return _Mlp.apply(x, w1, b1, w2, b2, activation, left, dropout, dt)
+    return _Mlp.apply(x, w1, b1, w2, b2, activation, left, dropout, None)
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -93,42 +93,121 @@ def _backward_(activation: str, g: Tensor, h: Tensor) -> Tensor:
     return ACT_BACKWARD_[activation](g, h)
 
 
+def _cast(dtype: torch.dtype | None, *tensors: Tensor) -> tuple[Tensor, ...]:
+    return tensors if dtype is None else tuple(t.to(dtype) for t in tensors)
+
+
+def _mlp_forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, activation: str, left: bool,
+                 dropout) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """``W2 · drop(σ(W1 · x + b1)) + b2``, and the tensors `_mlp_backward` needs (for the caller to
+    save); the rest of what it needs goes on ``ctx``."""
+    bias1 = b1[:, None] if left else b1
+    shape = torch.Size((w1.shape[0], x.shape[1]) if left else (x.shape[0], w1.shape[0]))
+    if dropout is None:
+        scale = 1.0
+        h = torch.addmm(bias1, w1, x) if left else torch.addmm(bias1, x, w1.t())
+    else:  # a fresh full-size bias, with dropped units pushed to where σ is flat zero
+        scale = dropout.scale
+        h = dropout.biased(b1, shape, per_row=left, dropped=dropped_value(x.dtype))
+        h = h.addmm_(w1, x) if left else h.addmm_(x, w1.t())  # accumulate the product into it: no copy
+    g = _forward(activation, h)
+    w2s = w2 if scale == 1.0 else w2 * scale
+    y = torch.addmm(b2[:, None], w2s, g) if left else torch.addmm(b2, g, w2s.t())
+    keep = allocator.keeping() and g.numel() * g.element_size() <= KEEP_ACTIVATION_BYTES
+    ctx.activation, ctx.left, ctx.scale = activation, left, scale
+    return y, (x, w1, w2s, h, *((g,) if keep else ()))
+
+
+def _mlp_backward(ctx, saved: tuple[Tensor, ...], dy: Tensor,
+                  need_dx: bool) -> tuple[Tensor | None, Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of x, W1, b1, W2, b2 from the output's ``dy`` (`_mlp_forward`'s dtype)."""
+    x, w1, w2s, h, *kept = saved
+    left, scale = ctx.left, ctx.scale
+    g = kept[0] if kept else _forward(ctx.activation, h)  # σ(h), kept or recomputed; dropped units are 0
+    dw2 = dy @ g.t() if left else dy.t() @ g
+    if scale != 1.0:
+        dw2.mul_(scale)  # W2 entered as W2 · scale
+    # a recomputed σ(h) is ours to overwrite: one hidden-size buffer then serves σ(h), its gradient and
+    # h's (fewer fresh pages per step); a kept one belongs to the graph, which may run backward again
+    buf = torch.empty_like(g) if kept else g
+    torch.mm(w2s.t(), dy, out=buf) if left else torch.mm(dy, w2s, out=buf)  # gradient w.r.t. σ(h)
+    dh = _backward_(ctx.activation, buf, h)
+    dw1 = dh @ x.t() if left else dh.t() @ x
+    dx = (w1.t() @ dh if left else dh @ w1) if need_dx else None
+    db1, db2 = (dh.sum(1), dy.sum(1)) if left else (dh.sum(0), dy.sum(0))
+    return dx, dw1, db1, dw2, db2
+
+
 class _Mlp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, activation: str, left: bool,
-                dropout) -> Tensor:
-        bias1 = b1[:, None] if left else b1
-        shape = torch.Size((w1.shape[0], x.shape[1]) if left else (x.shape[0], w1.shape[0]))
-        if dropout is None:
-            scale = 1.0
-            h = torch.addmm(bias1, w1, x) if left else torch.addmm(bias1, x, w1.t())
-        else:  # a fresh full-size bias, with dropped units pushed to where σ is flat zero
-            scale = dropout.scale
-            h = dropout.biased(b1, shape, per_row=left, dropped=dropped_value(x.dtype))
-            h = h.addmm_(w1, x) if left else h.addmm_(x, w1.t())  # accumulate the product into it: no copy
-        g = _forward(activation, h)
-        w2s = w2 if scale == 1.0 else w2 * scale
-        y = torch.addmm(b2[:, None], w2s, g) if left else torch.addmm(b2, g, w2s.t())
-        keep = allocator.keeping() and g.numel() * g.element_size() <= KEEP_ACTIVATION_BYTES
-        ctx.save_for_backward(x, w1, w2s, h, *((g,) if keep else ()))
-        ctx.activation, ctx.left, ctx.scale = activation, left, scale
+                dropout, dtype: torch.dtype | None) -> Tensor:
+        ctx.dtypes = x.dtype, w1.dtype, b1.dtype, w2.dtype, b2.dtype  # gradients go back in these
+        # autocast's dtype: multiply in it, as autocast would cast addmm's inputs
+        y, saved = _mlp_forward(ctx, *_cast(dtype, x, w1, b1, w2, b2), activation, left, dropout)
+        ctx.save_for_backward(*saved)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: Tensor):
-        x, w1, w2s, h, *kept = ctx.saved_tensors
-        left, scale = ctx.left, ctx.scale
-        g = kept[0] if kept else _forward(ctx.activation, h)  # σ(h), kept or recomputed; dropped units are 0
-        dw2 = dy @ g.t() if left else dy.t() @ g
-        if scale != 1.0:
-            dw2.mul_(scale)  # W2 entered as W2 · scale
-        # a recomputed σ(h) is ours to overwrite: one hidden-size buffer then serves σ(h), its gradient and
-        # h's (fewer fresh pages per step); a kept one belongs to the graph, which may run backward again
-        buf = torch.empty_like(g) if kept else g
-        torch.mm(w2s.t(), dy, out=buf) if left else torch.mm(dy, w2s, out=buf)  # gradient w.r.t. σ(h)
-        dh = _backward_(ctx.activation, buf, h)
-        dw1 = dh @ x.t() if left else dh.t() @ x
-        dx = (w1.t() @ dh if left else dh @ w1) if ctx.needs_input_grad[0] else None
-        db1, db2 = (dh.sum(1), dy.sum(1)) if left else (dh.sum(0), dy.sum(0))
-        return dx, dw1, db1, dw2, db2, None, None, None
+        grads = _mlp_backward(ctx, ctx.saved_tensors, dy, ctx.needs_input_grad[0])
+        return *(g if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)), None, None, None, None
+
+
+def residual_mlp(x: Tensor, norm: tuple[Tensor, Tensor, float], w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+                 activation: str, left: bool, dropout=None, branch_dropout=None) -> Tensor:
+    """``x + drop(MLP(LN(x)))`` as one autograd node: Eq. 1 (``left``: the MLP mixes along the sequence)
+    or Eq. 2 (along the channels) with its pre-LayerNorm and its residual, for a sequence-first float32
+    ``x`` (N, B, D).
+
+    The norm is `kernels.layer_norm`, which writes autocast's dtype directly (no cast pass), and its
+    backward adds the gradient that goes around it (no separate sum). ``norm`` is (weight, bias, eps);
+    ``dropout`` acts in the hidden layer and ``branch_dropout`` on the branch (`layers.Dropout`s active
+    here, or None). `fusable` says when this applies.
+    """
+    dt = autocast_dtype(x.device.type)
+    with torch.autocast(x.device.type, enabled=False):
+        return _ResidualMlp.apply(x, norm[0], norm[1], w1, b1, w2, b2, norm[2], activation, left, dropout,
+                                  branch_dropout, dt)
+
+
+def fusable(x: Tensor, norm_weight: Tensor | None) -> bool:
+    """Whether `residual_mlp` takes this input: float32 on the CPU with the kernels, an affine norm over
+    a multiple of 16 channels, and autocast off or in bfloat16."""
+    dt = autocast_dtype(x.device.type)
+    return (x.dtype == torch.float32 and x.dim() == 3 and x.is_contiguous() and norm_weight is not None
+            and x.shape[-1] % 16 == 0 and dt in (None, torch.bfloat16) and kernels.supports(x))
+
+
+class _ResidualMlp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, norm_w: Tensor, norm_b: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+                eps: float, activation: str, left: bool, dropout, branch_dropout, dtype: torch.dtype | None) -> Tensor:
+        n, d = x.shape[0], x.shape[-1]
+        u, mean, rstd = kernels.layer_norm(x, norm_w, norm_b, eps, dtype or x.dtype)  # (N, B, D)
+        u = u.view(n, -1) if left else u.view(-1, d)  # (N, B·D) for Eq. 1, (N·B, D) for Eq. 2
+        y, saved = _mlp_forward(ctx, u, *_cast(dtype, w1, b1, w2, b2), activation, left, dropout)
+        y = y.view(x.shape)
+        if branch_dropout is None:
+            ctx.branch = None
+            out = x + y
+        else:
+            ctx.branch = kernels.new_key(), branch_dropout.threshold, branch_dropout.scale
+            out = kernels.dropout_add(x, y, *ctx.branch)
+        ctx.save_for_backward(x, norm_w, mean, rstd, *saved)
+        ctx.dtypes, ctx.y_dtype = (w1.dtype, b1.dtype, w2.dtype, b2.dtype), y.dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout: Tensor):
+        x, norm_w, mean, rstd, *saved = ctx.saved_tensors
+        dout = dout.contiguous()
+        dy = (dout.to(ctx.y_dtype) if ctx.branch is None
+              else kernels.dropout_mul(dout, *ctx.branch, dtype=ctx.y_dtype))  # the branch's gradient
+        dy = dy.view(x.shape[0], -1) if ctx.left else dy.view(-1, x.shape[-1])  # as the MLP saw its output
+        du, dw1, db1, dw2, db2 = _mlp_backward(ctx, saved, dy, need_dx=True)
+        dx, dnorm_w, dnorm_b = kernels.layer_norm_backward(du.view(x.shape), x, mean, rstd, norm_w, residual=dout)
+        grads = (g.to(dt) for g, dt in zip((dw1, db1, dw2, db2), ctx.dtypes))
+        return dx, dnorm_w, dnorm_b, *grads, None, None, None, None, None, None

@@ -13,6 +13,7 @@
  */
 #include <stdint.h>
 #include <string.h>
+#include <math.h>
 
 #define BLOCK 1024            /* elements per task: their bits live on the stack, in L1 */
 #define PARALLEL_MIN 32768    /* below this many elements, one thread */
@@ -96,9 +97,10 @@ static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
         FOR_EACH_LANE(n, key, out[e] = STORE(u < thr ? LOAD(x[e]) : LOAD(x[e]) + LOADB(branch[e]) * scale)); \
     }
 
-/* out = t * scale where kept, 0 where dropped (dropout itself, and every dropout's backward) */
-#define DROPOUT_MUL(NAME, T, LOAD, STORE)                                                            \
-    void NAME(T *out, const T *t, int64_t n, uint64_t key, uint32_t thr, float scale, int nthreads) { \
+/* out = t * scale where kept, 0 where dropped (dropout itself, and every dropout's backward); out may
+ * be bfloat16 beside a float32 t (a float32 residual gradient going to a bfloat16 branch) */
+#define DROPOUT_MUL(NAME, T, LOAD, TO, STORE)                                                        \
+    void NAME(TO *out, const T *t, int64_t n, uint64_t key, uint32_t thr, float scale, int nthreads) { \
         FOR_EACH_LANE(n, key, out[e] = STORE(u < thr ? 0.0f : LOAD(t[e]) * scale));                \
     }
 
@@ -112,8 +114,9 @@ DROPOUT_BIAS(mlpmixer_dropout_bias_bf16, uint16_t, load_bf16, store_bf16)
 DROPOUT_ADD(mlpmixer_dropout_add_f32, float, load_f32, store_f32, float, load_f32)
 DROPOUT_ADD(mlpmixer_dropout_add_bf16, uint16_t, load_bf16, store_bf16, uint16_t, load_bf16)
 DROPOUT_ADD(mlpmixer_dropout_add_f32_bf16, float, load_f32, store_f32, uint16_t, load_bf16)
-DROPOUT_MUL(mlpmixer_dropout_mul_f32, float, load_f32, store_f32)
-DROPOUT_MUL(mlpmixer_dropout_mul_bf16, uint16_t, load_bf16, store_bf16)
+DROPOUT_MUL(mlpmixer_dropout_mul_f32, float, load_f32, float, store_f32)
+DROPOUT_MUL(mlpmixer_dropout_mul_bf16, uint16_t, load_bf16, uint16_t, store_bf16)
+DROPOUT_MUL(mlpmixer_dropout_mul_f32_bf16, float, load_f32, uint16_t, store_bf16)
 
 /* GELU on bfloat16 by table: a bfloat16 has 65,536 values, so σ(h) is one lookup in `table` (the
  * bfloat16 results torch's own gelu gives for each value, widened to 32 bits for the gather) and the
@@ -130,3 +133,110 @@ void mlpmixer_gelu_backward_bf16(uint16_t *out, const uint16_t *dy, const uint16
     _Pragma("omp parallel for num_threads(nthreads) schedule(static) if(n >= PARALLEL_MIN)")
     for (int64_t e = 0; e < n; ++e) out[e] = store_bf16(load_bf16(dy[e]) * slope[h[e]]);
 }
+
+/* LayerNorm over the rows of a float32 (rows, d) table, d a multiple of 16 (mlpmixer.fused.residual_mlp):
+ * y = (x − μ)·ρ·w + b with μ the row's mean and ρ = 1/√(var + eps), var the biased variance (two passes,
+ * float32). Written in GCC vector types of 16 floats (one AVX-512 register, or two AVX2 ones): each sum
+ * runs in 16 lanes and then a fixed pairwise tree, so a row's result does not depend on the thread count.
+ * y is float32 or bfloat16 (the dtype autocast multiplies in: the cast rides in this pass). */
+typedef float vf __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint16_t vh __attribute__((vector_size(32)));
+#define V 16
+
+static inline vf vload_f32(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void vstore_f32(float *p, vf v) { memcpy(p, &v, sizeof v); }
+static inline vf vload_bf16(const uint16_t *p) {
+    vh h;
+    memcpy(&h, p, sizeof h);
+    vu u = __builtin_convertvector(h, vu) << 16;
+    vf f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+static inline void vstore_bf16(uint16_t *p, vf f) {  /* store_bf16, 16 at a time */
+    vu u;
+    memcpy(&u, &f, sizeof u);
+    const vu nan = (vu)((u & 0x7FFFFFFFu) > 0x7F800000u);
+    u = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    u = (u & ~nan) | (nan & 0x7FC0u);
+    vh h = __builtin_convertvector(u, vh);
+    memcpy(p, &h, sizeof h);
+}
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+typedef float vf2 __attribute__((vector_size(8)));
+static inline float vsum(vf v) {  /* 16 lanes in a fixed pairwise tree: lane j + lane j + 8, … */
+    const vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    const vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    const vf2 c = __builtin_shufflevector(b, b, 0, 1) + __builtin_shufflevector(b, b, 2, 3);
+    return c[0] + c[1];
+}
+
+#define LAYER_NORM(NAME, TO, VSTORE)                                                                 \
+    void NAME(TO *y, float *mean, float *rstd, const float *x, const float *w, const float *b,       \
+              int64_t rows, int64_t d, float eps, int nthreads) {                                    \
+        _Pragma("omp parallel for num_threads(nthreads) schedule(static) if(rows * d >= PARALLEL_MIN)") \
+        for (int64_t r = 0; r < rows; ++r) {                                                         \
+            const float *xr = x + r * d;                                                             \
+            vf s = {0}, v = {0};                                                                     \
+            for (int64_t k = 0; k < d; k += V) s += vload_f32(xr + k);                               \
+            const float mu = vsum(s) / (float)d;                                                     \
+            for (int64_t k = 0; k < d; k += V) { const vf t = vload_f32(xr + k) - mu; v += t * t; }  \
+            const float rho = 1.0f / sqrtf(vsum(v) / (float)d + eps);                                \
+            for (int64_t k = 0; k < d; k += V)                                                       \
+                VSTORE(y + r * d + k, (vload_f32(xr + k) - mu) * rho * vload_f32(w + k) + vload_f32(b + k)); \
+            mean[r] = mu;                                                                            \
+            rstd[r] = rho;                                                                           \
+        }                                                                                            \
+    }
+
+/* LayerNorm's backward, plus the gradient that reaches x around the norm (`dres`, the residual path,
+ * or NULL): dx = dres + ρ·(g·w − mean(g·w) − x̂·mean(g·w·x̂)) with x̂ = (x − μ)·ρ and g = dy. The weight
+ * and bias gradients Σ g·x̂ and Σ g are summed per chunk of CHUNK rows into `part` (2·d floats per chunk:
+ * the caller's buffer) and the chunks then in order, so they too do not depend on the thread count. dy
+ * is float32 or bfloat16. */
+#define CHUNK 64
+#define LAYER_NORM_BACKWARD(NAME, TG, VLOADG)                                                        \
+    void NAME(float *dx, float *dw, float *db, float *part, const TG *dy, const float *dres,         \
+              const float *x, const float *mean, const float *rstd, const float *w, int64_t rows,    \
+              int64_t d, int nthreads) {                                                             \
+        const int64_t chunks = (rows + CHUNK - 1) / CHUNK;                                           \
+        _Pragma("omp parallel for num_threads(nthreads) schedule(static) if(rows * d >= PARALLEL_MIN)") \
+        for (int64_t c = 0; c < chunks; ++c) {                                                       \
+            float *pw = part + c * 2 * d, *pb = pw + d;                                              \
+            memset(pw, 0, 2 * (size_t)d * sizeof(float));                                            \
+            for (int64_t r = c * CHUNK; r < min64((c + 1) * CHUNK, rows); ++r) {                     \
+                const float *xr = x + r * d, mu = mean[r], rho = rstd[r];                            \
+                const TG *gr = dy + r * d;                                                           \
+                vf sg = {0}, sgx = {0};                                                              \
+                for (int64_t k = 0; k < d; k += V) {                                                 \
+                    const vf gw = VLOADG(gr + k) * vload_f32(w + k);                                 \
+                    sg += gw;                                                                        \
+                    sgx += gw * ((vload_f32(xr + k) - mu) * rho);                                    \
+                }                                                                                    \
+                const float a = vsum(sg) / (float)d, e = vsum(sgx) / (float)d;                       \
+                for (int64_t k = 0; k < d; k += V) {                                                 \
+                    const vf g = VLOADG(gr + k), xh = (vload_f32(xr + k) - mu) * rho;                \
+                    vf o = rho * (g * vload_f32(w + k) - a - xh * e);                                \
+                    if (dres) o = vload_f32(dres + r * d + k) + o;                                   \
+                    vstore_f32(dx + r * d + k, o);                                                   \
+                    vstore_f32(pw + k, vload_f32(pw + k) + g * xh);                                  \
+                    vstore_f32(pb + k, vload_f32(pb + k) + g);                                       \
+                }                                                                                    \
+            }                                                                                        \
+        }                                                                                            \
+        for (int64_t k = 0; k < d; ++k) {                                                            \
+            float sw = 0.0f, sb = 0.0f;                                                              \
+            for (int64_t c = 0; c < chunks; ++c) { sw += part[c * 2 * d + k]; sb += part[c * 2 * d + d + k]; } \
+            dw[k] = sw;                                                                              \
+            db[k] = sb;                                                                              \
+        }                                                                                            \
+    }
+
+LAYER_NORM(mlpmixer_layer_norm_f32, float, vstore_f32)
+LAYER_NORM(mlpmixer_layer_norm_bf16, uint16_t, vstore_bf16)
+LAYER_NORM_BACKWARD(mlpmixer_layer_norm_backward_f32, float, vload_f32)
+LAYER_NORM_BACKWARD(mlpmixer_layer_norm_backward_bf16, uint16_t, vload_bf16)

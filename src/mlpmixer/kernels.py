@@ -159,9 +159,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     signatures = {"mlpmixer_lanes": [p, i64, u64]}
     for name in DTYPES.values():
         signatures[f"mlpmixer_dropout_bias_{name}"] = [p, p, i64, i64, i, u64, u32, f, i]
-        signatures[f"mlpmixer_dropout_mul_{name}"] = [p, p, i64, u64, u32, f, i]
+        signatures[f"mlpmixer_layer_norm_{name}"] = [p, p, p, p, p, p, i64, i64, f, i]
+        signatures[f"mlpmixer_layer_norm_backward_{name}"] = [p, p, p, p, p, p, p, p, p, p, i64, i64, i]
     for name in ("f32", "bf16", "f32_bf16"):
         signatures[f"mlpmixer_dropout_add_{name}"] = [p, p, p, i64, u64, u32, f, i]
+        signatures[f"mlpmixer_dropout_mul_{name}"] = [p, p, i64, u64, u32, f, i]
     signatures["mlpmixer_gelu_bf16"] = [p, p, i64, p, i]
     signatures["mlpmixer_gelu_backward_bf16"] = [p, p, p, i64, p, i]
     for name, argtypes in signatures.items():
@@ -215,13 +217,47 @@ def dropout_add(x: Tensor, branch: Tensor, key: int, threshold: int, scale: floa
     return out
 
 
-def dropout_mul(t: Tensor, key: int, threshold: int, scale: float) -> Tensor:
-    """``t · scale`` where an element is kept, 0 where dropped."""
+def dropout_mul(t: Tensor, key: int, threshold: int, scale: float, dtype: torch.dtype | None = None) -> Tensor:
+    """``t · scale`` where an element is kept, 0 where dropped; in ``dtype`` (t's when None; bfloat16
+    beside a float32 ``t``), rounded once."""
     t = t.contiguous()
-    out = torch.empty_like(t)
-    getattr(_need(), f"mlpmixer_dropout_mul_{DTYPES[t.dtype]}")(out.data_ptr(), t.data_ptr(), t.numel(), key,
-                                                                threshold, scale, torch.get_num_threads())
+    out = torch.empty_like(t, dtype=dtype)
+    pair = DTYPES[t.dtype] + ("" if out.dtype == t.dtype else "_" + DTYPES[out.dtype])
+    getattr(_need(), f"mlpmixer_dropout_mul_{pair}")(out.data_ptr(), t.data_ptr(), t.numel(), key,
+                                                     threshold, scale, torch.get_num_threads())
     return out
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
+               dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
+    """LayerNorm over the last axis of a float32 ``x`` (weight and bias float32), the result in ``dtype``
+    (float32 or bfloat16); also each row's mean and 1/√(var + eps), for `layer_norm_backward`."""
+    d = x.shape[-1]
+    x = x.contiguous()
+    rows = x.numel() // d
+    y = torch.empty(x.shape, dtype=dtype)
+    mean, rstd = torch.empty(rows), torch.empty(rows)
+    getattr(_need(), f"mlpmixer_layer_norm_{DTYPES[dtype]}")(
+        y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), x.data_ptr(), weight.contiguous().data_ptr(),
+        bias.contiguous().data_ptr(), rows, d, eps, torch.get_num_threads())
+    return y, mean, rstd
+
+
+def layer_norm_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor,
+                        residual: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of `layer_norm`'s x, weight and bias from its output's ``dy`` (float32 or
+    bfloat16); ``residual`` (float32, x's shape), when given, is added to x's (the gradient that reaches
+    x around the norm, in the same pass)."""
+    d = x.shape[-1]
+    rows = x.numel() // d
+    dy, x = dy.contiguous(), x.contiguous()
+    dx, dw, db = torch.empty(x.shape), torch.empty(d), torch.empty(d)
+    part = torch.empty(-(-rows // 64), 2, d)  # per-chunk sums (kernels.c's CHUNK rows)
+    res = residual.contiguous().data_ptr() if residual is not None else None
+    getattr(_need(), f"mlpmixer_layer_norm_backward_{DTYPES[dy.dtype]}")(
+        dx.data_ptr(), dw.data_ptr(), db.data_ptr(), part.data_ptr(), dy.data_ptr(), res, x.data_ptr(),
+        mean.data_ptr(), rstd.data_ptr(), weight.contiguous().data_ptr(), rows, d, torch.get_num_threads())
+    return dx, dw, db
 
 
 _gelu_tables: tuple[Tensor, Tensor] | None = None
