@@ -302,3 +302,22 @@ def test_layer_norm_results_do_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@compiled
+@pytest.mark.parametrize("shape,per_row", [((128, 1040), True), ((130, 48), False), ((3, 16), True), ((1, 32), False)])
+def test_gelu_backward_with_the_bias_gradient_in_the_same_pass(shape, per_row):
+    g = torch.Generator().manual_seed(4)
+    h, dy = (torch.randn(shape, generator=g).to(torch.bfloat16) for _ in range(2))
+    want = torch.ops.aten.gelu_backward(dy, h)
+    got, sums = kernels.gelu_backward_sum_bf16_(dy.clone(), h, per_row)
+    assert torch.equal(got, want)  # torch's bfloat16 gradient, bit for bit
+    assert sums.dtype == torch.float32  # summed in float32 and kept there, not rounded to bfloat16
+    torch.testing.assert_close(sums, want.double().sum(1 if per_row else 0).float(), rtol=1e-5, atol=1e-5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.gelu_backward_sum_bf16_(dy.clone(), h, per_row)[1]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, sums)

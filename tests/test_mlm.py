@@ -213,6 +213,14 @@ def test_mlm_loss_is_cross_entropy_over_chosen_positions():
     assert int(correct) >= 2
 
 
+def test_mlm_loss_with_nothing_chosen_is_zero_with_zero_gradient():
+    logits = torch.randn(2, 4, 7, requires_grad=True)
+    loss, correct, count = mlm_loss(logits, torch.full((2, 4), IGNORE_INDEX))
+    loss.backward()
+    assert float(loss) == 0.0 and int(correct) == 0 and int(count) == 0
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
 # --- validation -----------------------------------------------------------------------------------------
 
 def test_validation_is_deterministic(tiny_mlm_config):

@@ -131,10 +131,14 @@ def _mlp_backward(ctx, saved: tuple[Tensor, ...], dy: Tensor,
     # h's (fewer fresh pages per step); a kept one belongs to the graph, which may run backward again
     buf = torch.empty_like(g) if kept else g
     torch.mm(w2s.t(), dy, out=buf) if left else torch.mm(dy, w2s, out=buf)  # gradient w.r.t. σ(h)
-    dh = _backward_(ctx.activation, buf, h)
+    if ctx.activation == "gelu" and h.dtype == torch.bfloat16 and buf.shape[1] % 16 == 0 and kernels.supports(h):
+        dh, db1 = kernels.gelu_backward_sum_bf16_(buf, h, per_row=left)  # b1's gradient in the same pass
+    else:
+        dh = _backward_(ctx.activation, buf, h)
+        db1 = dh.sum(1) if left else dh.sum(0)
     dw1 = dh @ x.t() if left else dh.t() @ x
     dx = (w1.t() @ dh if left else dh @ w1) if need_dx else None
-    db1, db2 = (dh.sum(1), dy.sum(1)) if left else (dh.sum(0), dy.sum(0))
+    db2 = dy.sum(1) if left else dy.sum(0)
     return dx, dw1, db1, dw2, db2
 
 

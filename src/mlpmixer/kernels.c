@@ -240,3 +240,47 @@ LAYER_NORM(mlpmixer_layer_norm_f32, float, vstore_f32)
 LAYER_NORM(mlpmixer_layer_norm_bf16, uint16_t, vstore_bf16)
 LAYER_NORM_BACKWARD(mlpmixer_layer_norm_backward_f32, float, vload_f32)
 LAYER_NORM_BACKWARD(mlpmixer_layer_norm_backward_bf16, uint16_t, vload_bf16)
+
+/* mlpmixer_gelu_backward_bf16 over a (rows, cols) table, plus the hidden bias's gradient: the float32
+ * sums of the results (as rounded to bfloat16, the values torch would sum) over each row (per_row: the
+ * token-mixing MLP's hidden units are rows) or each column (the channel MLP's). Rows go one to a thread
+ * in 16 lanes and a fixed pairwise tree; column sums per chunk of CHUNK rows into `part` (cols floats
+ * per chunk) and the chunks then in order: the sums do not depend on the thread count. cols % 16 == 0. */
+static inline void gelu_backward_span(uint16_t *o, const uint16_t *g, const uint16_t *h, int64_t n,
+                                      const float *slope) {
+    for (int64_t k = 0; k < n; ++k) o[k] = store_bf16(load_bf16(g[k]) * slope[h[k]]);
+}
+
+void mlpmixer_gelu_backward_sum_bf16(uint16_t *out, float *sums, float *part, const uint16_t *dy,
+                                     const uint16_t *h, int64_t rows, int64_t cols, int per_row,
+                                     const float *slope, int nthreads) {
+    if (per_row) {
+        _Pragma("omp parallel for num_threads(nthreads) schedule(static) if(rows * cols >= PARALLEL_MIN)")
+        for (int64_t r = 0; r < rows; ++r) {
+            vf acc = {0};
+            for (int64_t k0 = 0; k0 < cols; k0 += BLOCK) {
+                const int64_t n = min64(BLOCK, cols - k0), e = r * cols + k0;
+                gelu_backward_span(out + e, dy + e, h + e, n, slope);
+                for (int64_t k = 0; k < n; k += V) acc += vload_bf16(out + e + k);
+            }
+            sums[r] = vsum(acc);
+        }
+        return;
+    }
+    const int64_t chunks = (rows + CHUNK - 1) / CHUNK;
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static) if(rows * cols >= PARALLEL_MIN)")
+    for (int64_t c = 0; c < chunks; ++c) {
+        float *p = part + c * cols;
+        memset(p, 0, (size_t)cols * sizeof(float));
+        for (int64_t r = c * CHUNK; r < min64((c + 1) * CHUNK, rows); ++r) {
+            const int64_t e = r * cols;
+            gelu_backward_span(out + e, dy + e, h + e, cols, slope);
+            for (int64_t k = 0; k < cols; k += V) vstore_f32(p + k, vload_f32(p + k) + vload_bf16(out + e + k));
+        }
+    }
+    for (int64_t k = 0; k < cols; ++k) {
+        float s = 0.0f;
+        for (int64_t c = 0; c < chunks; ++c) s += part[c * cols + k];
+        sums[k] = s;
+    }
+}

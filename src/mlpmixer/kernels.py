@@ -166,6 +166,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         signatures[f"mlpmixer_dropout_mul_{name}"] = [p, p, i64, u64, u32, f, i]
     signatures["mlpmixer_gelu_bf16"] = [p, p, i64, p, i]
     signatures["mlpmixer_gelu_backward_bf16"] = [p, p, p, i64, p, i]
+    signatures["mlpmixer_gelu_backward_sum_bf16"] = [p, p, p, p, p, i64, i64, i, p, i]
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, None
@@ -290,3 +291,16 @@ def gelu_backward_bf16_(dy: Tensor, h: Tensor) -> Tensor:
     _need().mlpmixer_gelu_backward_bf16(dy.data_ptr(), dy.data_ptr(), h.data_ptr(), h.numel(),
                                         gelu_tables()[1].data_ptr(), torch.get_num_threads())
     return dy
+
+
+def gelu_backward_sum_bf16_(dy: Tensor, h: Tensor, per_row: bool) -> tuple[Tensor, Tensor]:
+    """`gelu_backward_bf16_` on a contiguous (rows, cols) ``dy`` (cols a multiple of 16), and the float32
+    sums of its result over each row (``per_row``) or column: a hidden bias's gradient, in the same pass."""
+    h = h.contiguous()
+    rows, cols = dy.shape
+    sums = torch.empty(rows if per_row else cols)
+    part = torch.empty(0 if per_row else -(-rows // 64) * cols)  # per-chunk sums (kernels.c's CHUNK rows)
+    _need().mlpmixer_gelu_backward_sum_bf16(dy.data_ptr(), sums.data_ptr(), part.data_ptr(), dy.data_ptr(),
+                                            h.data_ptr(), rows, cols, int(per_row), gelu_tables()[1].data_ptr(),
+                                            torch.get_num_threads())
+    return dy, sums

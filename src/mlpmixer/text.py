@@ -153,12 +153,14 @@ def mask_tokens(ids: Tensor, *, mask_id: int, vocab_size: int, special_ids: list
 
 def mlm_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Cross-entropy over chosen positions; also returns (correct, chosen) counts for accuracy."""
-    flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
-    chosen = flat_labels != IGNORE_INDEX
-    count = chosen.sum()
+    flat_labels = labels.reshape(-1)
+    chosen = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)  # ~15 % of the positions: the rest cost nothing
+    picked = logits.reshape(-1, logits.shape[-1]).index_select(0, chosen)  # (chosen, vocab)
+    targets = flat_labels.index_select(0, chosen)
+    count = torch.tensor(chosen.numel(), device=labels.device)
     # summed then divided, so a batch with nothing chosen gives 0 (not 0/0) and no gradient
-    loss = F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    correct = ((flat_logits.argmax(-1) == flat_labels) & chosen).sum()
+    loss = F.cross_entropy(picked.float(), targets, reduction="sum")
+    correct = (picked.argmax(-1) == targets).sum()
     return loss / count.clamp(min=1), correct, count
 
 
