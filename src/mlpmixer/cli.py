@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_text_train_parser(train, "mlm", "character-level masked language model (BERT-style masking)",
                           "Train a masked language model whose encoder mixes tokens with an MLP (--token-mixer mlp, "
                           "the paper's Eq. 1) or with self-attention. Defaults reproduce the seed experiment; the "
-                          "default budget (3,000 steps) runs in about 8 minutes on 2 CPU cores.")
+                          "default budget (3,000 steps) runs in about 5 minutes on 2 idle CPU cores.")
     add_text_train_parser(train, "lm", "character-level autoregressive language model (causal token mixing)",
                           "Train a next-character model whose token mixer is causal: a token-mixing MLP with "
                           "lower-triangular weights (tokens_mlp_dim = seq_len) or causal self-attention.")
