@@ -217,7 +217,7 @@ def test_mlm_loss_with_nothing_chosen_is_zero_with_zero_gradient():
     logits = torch.randn(2, 4, 7, requires_grad=True)
     loss, correct, count = mlm_loss(logits, torch.full((2, 4), IGNORE_INDEX))
     loss.backward()
-    assert float(loss) == 0.0 and int(correct) == 0 and int(count) == 0
+    assert loss.item() == 0.0 and int(correct) == 0 and int(count) == 0
     assert torch.equal(logits.grad, torch.zeros_like(logits))
 
 

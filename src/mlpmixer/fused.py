@@ -176,12 +176,11 @@ def residual_mlp(x: Tensor, norm: tuple[Tensor, Tensor, float], w1: Tensor, b1: 
                                   branch_dropout, dt)
 
 
-def fusable(x: Tensor, norm_weight: Tensor | None) -> bool:
-    """Whether `residual_mlp` takes this input: float32 on the CPU with the kernels, an affine norm over
-    a multiple of 16 channels, and autocast off or in bfloat16."""
-    dt = autocast_dtype(x.device.type)
-    return (x.dtype == torch.float32 and x.dim() == 3 and x.is_contiguous() and norm_weight is not None
-            and x.shape[-1] % 16 == 0 and dt in (None, torch.bfloat16) and kernels.supports(x))
+def fusable(x: Tensor) -> bool:
+    """Whether `residual_mlp` takes this input: contiguous (N, B, D) float32 on the CPU with the kernels,
+    D a multiple of 16, and autocast off or in bfloat16 (the norm must be affine: the caller's check)."""
+    return (x.dtype == torch.float32 and x.dim() == 3 and x.shape[-1] % 16 == 0 and x.is_contiguous()
+            and kernels.supports(x) and autocast_dtype(x.device.type) in (None, torch.bfloat16))
 
 
 class _ResidualMlp(torch.autograd.Function):
