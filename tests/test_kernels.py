@@ -321,3 +321,12 @@ def test_gelu_backward_with_the_bias_gradient_in_the_same_pass(shape, per_row):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, sums)
+
+
+@compiled
+def test_the_vectorised_kernels_refuse_rows_that_are_not_whole_vectors():
+    x, w, b = _layer_norm_case(4, 24)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        kernels.layer_norm(x, w, b, 1e-5)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        kernels.gelu_backward_sum_bf16_(torch.zeros(3, 24, dtype=torch.bfloat16), torch.zeros(3, 24, dtype=torch.bfloat16), True)

@@ -229,11 +229,18 @@ def dropout_mul(t: Tensor, key: int, threshold: int, scale: float, dtype: torch.
     return out
 
 
+def _need_multiple_of_16(name: str, width: int) -> None:
+    """The vectorised kernels take rows of whole 16-float vectors."""
+    if width % 16:
+        raise ValueError(f"kernels.{name} needs rows of a multiple of 16 values, got {width}")
+
+
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
                dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
     """LayerNorm over the last axis of a float32 ``x`` (weight and bias float32), the result in ``dtype``
     (float32 or bfloat16); also each row's mean and 1/√(var + eps), for `layer_norm_backward`."""
     d = x.shape[-1]
+    _need_multiple_of_16("layer_norm", d)
     x = x.contiguous()
     rows = x.numel() // d
     y = torch.empty(x.shape, dtype=dtype)
@@ -250,6 +257,7 @@ def layer_norm_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weigh
     bfloat16); ``residual`` (float32, x's shape), when given, is added to x's (the gradient that reaches
     x around the norm, in the same pass)."""
     d = x.shape[-1]
+    _need_multiple_of_16("layer_norm_backward", d)
     rows = x.numel() // d
     dy, x = dy.contiguous(), x.contiguous()
     dx, dw, db = torch.empty(x.shape), torch.empty(d), torch.empty(d)
@@ -298,6 +306,7 @@ def gelu_backward_sum_bf16_(dy: Tensor, h: Tensor, per_row: bool) -> tuple[Tenso
     sums of its result over each row (``per_row``) or column: a hidden bias's gradient, in the same pass."""
     h = h.contiguous()
     rows, cols = dy.shape
+    _need_multiple_of_16("gelu_backward_sum_bf16_", cols)
     sums = torch.empty(rows if per_row else cols)
     part = torch.empty(0 if per_row else -(-rows // 64) * cols)  # per-chunk sums (kernels.c's CHUNK rows)
     _need().mlpmixer_gelu_backward_sum_bf16(dy.data_ptr(), sums.data_ptr(), part.data_ptr(), dy.data_ptr(),
