@@ -405,7 +405,7 @@ def summary(model: nn.Module, task: Task, config: TrainConfig, out: Path, enviro
         f"{config.optimizer} lr {config.lr:g}, warm-up {config.warmup}",
         f"  device {environment['device']}, {environment['threads']} thread(s) ({why}), world size "
         f"{environment['world_size']}, precision {config.precision}",
-        f"  {environment['malloc']}; dropout masks: {environment['dropout']}",
+        f"  {environment['malloc']}; CPU kernels (dropout masks, bf16 GELU, LayerNorm): {environment['dropout']}",
         f"  run folder {out}"])
 
 
