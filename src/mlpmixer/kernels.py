@@ -40,6 +40,7 @@ from torch import Tensor
 
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c11")
+LIBS = ("-lm",)  # after the source: the library names its own libm (sqrtf) instead of borrowing the process's
 DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
@@ -132,7 +133,7 @@ def _build_key(compiler: str) -> str:
         flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     except OSError:
         flags = ""
-    parts = (SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode(), platform.machine().encode(),
+    parts = (SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS + LIBS).encode(), platform.machine().encode(),
              flags.encode(), torch.__version__.encode())
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
@@ -143,7 +144,7 @@ def _compile(cc: str, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), *LIBS], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise OSError(f"{cc} failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
         os.replace(tmp, path)
