@@ -86,11 +86,17 @@ def _forward(activation: str, h: Tensor) -> Tensor:
     return ACT_FORWARD[activation](h)
 
 
-def _backward_(activation: str, g: Tensor, h: Tensor) -> Tensor:
-    """σ'(h) · g written over g; a bfloat16 exact GELU by the compiled table lookup."""
+def _backward_(activation: str, g: Tensor, h: Tensor, left: bool) -> tuple[Tensor, Tensor]:
+    """σ'(h) · g written over the 2-D g, and its sums over each row (``left``) or column: the hidden
+    bias's gradient. A bfloat16 exact GELU by the compiled table lookup, the sums in the same pass (in
+    float32) where the rows are whole 16-value vectors."""
     if activation == "gelu" and h.dtype == torch.bfloat16 and g.is_contiguous() and kernels.supports(h):
-        return kernels.gelu_backward_bf16_(g, h)
-    return ACT_BACKWARD_[activation](g, h)
+        if g.shape[1] % 16 == 0:
+            return kernels.gelu_backward_sum_bf16_(g, h, per_row=left)
+        dh = kernels.gelu_backward_bf16_(g, h)
+    else:
+        dh = ACT_BACKWARD_[activation](g, h)
+    return dh, dh.sum(1 if left else 0)
 
 
 def _cast(dtype: torch.dtype | None, *tensors: Tensor) -> tuple[Tensor, ...]:
@@ -131,11 +137,7 @@ def _mlp_backward(ctx, saved: tuple[Tensor, ...], dy: Tensor,
     # h's (fewer fresh pages per step); a kept one belongs to the graph, which may run backward again
     buf = torch.empty_like(g) if kept else g
     torch.mm(w2s.t(), dy, out=buf) if left else torch.mm(dy, w2s, out=buf)  # gradient w.r.t. σ(h)
-    if ctx.activation == "gelu" and h.dtype == torch.bfloat16 and buf.shape[1] % 16 == 0 and kernels.supports(h):
-        dh, db1 = kernels.gelu_backward_sum_bf16_(buf, h, per_row=left)  # b1's gradient in the same pass
-    else:
-        dh = _backward_(ctx.activation, buf, h)
-        db1 = dh.sum(1) if left else dh.sum(0)
+    dh, db1 = _backward_(ctx.activation, buf, h, left)  # and b1's gradient
     dw1 = dh @ x.t() if left else dh.t() @ x
     dx = (w1.t() @ dh if left else dh @ w1) if need_dx else None
     db2 = dy.sum(1) if left else dy.sum(0)

@@ -128,10 +128,15 @@ void mlpmixer_gelu_bf16(uint16_t *out, const uint16_t *h, int64_t n, const uint3
     for (int64_t e = 0; e < n; ++e) out[e] = (uint16_t)table[h[e]];
 }
 
+static inline void gelu_backward_span(uint16_t *o, const uint16_t *g, const uint16_t *h, int64_t n,
+                                      const float *slope) {
+    for (int64_t k = 0; k < n; ++k) o[k] = store_bf16(load_bf16(g[k]) * slope[h[k]]);
+}
+
 void mlpmixer_gelu_backward_bf16(uint16_t *out, const uint16_t *dy, const uint16_t *h, int64_t n,
                                  const float *slope, int nthreads) {
     _Pragma("omp parallel for num_threads(nthreads) schedule(static) if(n >= PARALLEL_MIN)")
-    for (int64_t e = 0; e < n; ++e) out[e] = store_bf16(load_bf16(dy[e]) * slope[h[e]]);
+    for (int64_t e0 = 0; e0 < n; e0 += BLOCK) gelu_backward_span(out + e0, dy + e0, h + e0, min64(BLOCK, n - e0), slope);
 }
 
 /* LayerNorm over the rows of a float32 (rows, d) table, d a multiple of 16 (mlpmixer.fused.residual_mlp):
@@ -199,6 +204,16 @@ static inline float vsum(vf v) {  /* 16 lanes in a fixed pairwise tree: lane j +
  * the caller's buffer) and the chunks then in order, so they too do not depend on the thread count. dy
  * is float32 or bfloat16. */
 #define CHUNK 64
+
+/* out[k] = Σ_c part[c · stride + k] for k < n, the chunks added in order (thread-count independent) */
+static void sum_chunks(float *out, const float *part, int64_t chunks, int64_t stride, int64_t n) {
+    for (int64_t k = 0; k < n; ++k) {
+        float s = 0.0f;
+        for (int64_t c = 0; c < chunks; ++c) s += part[c * stride + k];
+        out[k] = s;
+    }
+}
+
 #define LAYER_NORM_BACKWARD(NAME, TG, VLOADG)                                                        \
     void NAME(float *dx, float *dw, float *db, float *part, const TG *dy, const float *dres,         \
               const float *x, const float *mean, const float *rstd, const float *w, int64_t rows,    \
@@ -228,12 +243,8 @@ static inline float vsum(vf v) {  /* 16 lanes in a fixed pairwise tree: lane j +
                 }                                                                                    \
             }                                                                                        \
         }                                                                                            \
-        for (int64_t k = 0; k < d; ++k) {                                                            \
-            float sw = 0.0f, sb = 0.0f;                                                              \
-            for (int64_t c = 0; c < chunks; ++c) { sw += part[c * 2 * d + k]; sb += part[c * 2 * d + d + k]; } \
-            dw[k] = sw;                                                                              \
-            db[k] = sb;                                                                              \
-        }                                                                                            \
+        sum_chunks(dw, part, chunks, 2 * d, d);                                                      \
+        sum_chunks(db, part + d, chunks, 2 * d, d);                                                  \
     }
 
 LAYER_NORM(mlpmixer_layer_norm_f32, float, vstore_f32)
@@ -246,11 +257,6 @@ LAYER_NORM_BACKWARD(mlpmixer_layer_norm_backward_bf16, uint16_t, vload_bf16)
  * token-mixing MLP's hidden units are rows) or each column (the channel MLP's). Rows go one to a thread
  * in 16 lanes and a fixed pairwise tree; column sums per chunk of CHUNK rows into `part` (cols floats
  * per chunk) and the chunks then in order: the sums do not depend on the thread count. cols % 16 == 0. */
-static inline void gelu_backward_span(uint16_t *o, const uint16_t *g, const uint16_t *h, int64_t n,
-                                      const float *slope) {
-    for (int64_t k = 0; k < n; ++k) o[k] = store_bf16(load_bf16(g[k]) * slope[h[k]]);
-}
-
 void mlpmixer_gelu_backward_sum_bf16(uint16_t *out, float *sums, float *part, const uint16_t *dy,
                                      const uint16_t *h, int64_t rows, int64_t cols, int per_row,
                                      const float *slope, int nthreads) {
@@ -278,9 +284,5 @@ void mlpmixer_gelu_backward_sum_bf16(uint16_t *out, float *sums, float *part, co
             for (int64_t k = 0; k < cols; k += V) vstore_f32(p + k, vload_f32(p + k) + vload_bf16(out + e + k));
         }
     }
-    for (int64_t k = 0; k < cols; ++k) {
-        float s = 0.0f;
-        for (int64_t c = 0; c < chunks; ++c) s += part[c * cols + k];
-        sums[k] = s;
-    }
+    sum_chunks(sums, part, chunks, cols, cols);
 }

@@ -42,6 +42,7 @@ SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 LIBS = ("-lm",)  # after the source: the library names its own libm (sqrtf) instead of borrowing the process's
 DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+CHUNK_ROWS = 64  # kernels.c's CHUNK: rows whose partial sums the thread-count independent reductions keep
 _GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 _lib: ctypes.CDLL | None = None
@@ -262,7 +263,7 @@ def layer_norm_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weigh
     rows = x.numel() // d
     dy, x = dy.contiguous(), x.contiguous()
     dx, dw, db = torch.empty(x.shape), torch.empty(d), torch.empty(d)
-    part = torch.empty(-(-rows // 64), 2, d)  # per-chunk sums (kernels.c's CHUNK rows)
+    part = torch.empty(-(-rows // CHUNK_ROWS), 2, d)  # per-chunk sums of the weight and bias gradients
     res = residual.contiguous().data_ptr() if residual is not None else None
     getattr(_need(), f"mlpmixer_layer_norm_backward_{DTYPES[dy.dtype]}")(
         dx.data_ptr(), dw.data_ptr(), db.data_ptr(), part.data_ptr(), dy.data_ptr(), res, x.data_ptr(),
@@ -309,7 +310,7 @@ def gelu_backward_sum_bf16_(dy: Tensor, h: Tensor, per_row: bool) -> tuple[Tenso
     rows, cols = dy.shape
     _need_multiple_of_16("gelu_backward_sum_bf16_", cols)
     sums = torch.empty(rows if per_row else cols)
-    part = torch.empty(0 if per_row else -(-rows // 64) * cols)  # per-chunk sums (kernels.c's CHUNK rows)
+    part = torch.empty(0 if per_row else -(-rows // CHUNK_ROWS) * cols)  # per-chunk column sums
     _need().mlpmixer_gelu_backward_sum_bf16(dy.data_ptr(), sums.data_ptr(), part.data_ptr(), dy.data_ptr(),
                                             h.data_ptr(), rows, cols, int(per_row), gelu_tables()[1].data_ptr(),
                                             torch.get_num_threads())

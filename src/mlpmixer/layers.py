@@ -331,7 +331,6 @@ class MixerBlock(nn.Module):
         xs = self.drop.add_to(xs, self.drop_path(mixed))
         return self.drop.add_to(xs, self.drop_path(self.mlp_channels(self.norm2(xs))))
 
-
     def _fusable(self, xs: Tensor) -> bool:
         """Whether both residual branches can run as `fused.residual_mlp`: the paper's token-mixing MLP,
         no stochastic depth at work, and an input `fused.fusable` takes."""
