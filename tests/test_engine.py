@@ -23,7 +23,10 @@ TINY = ["--seq-len", "16", "--d-model", "32", "--n-layers", "2", "--d-ff", "48",
 
 def cli(*args: str, torchrun: int = 0, timeout: float = 240) -> subprocess.CompletedProcess:
     """Run the real command in a fresh process (one thread, so results are bitwise repeatable)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           # a rank that aborts in C++ (seen twice: "terminate called without an active exception" after a
+           # complete run, under torchrun) prints every thread's Python stack and the C++ one, for the record
+           "PYTHONFAULTHANDLER": "1", "TORCH_SHOW_CPP_STACKTRACES": "1"}
     if torchrun:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(torchrun),
                "-m", "mlpmixer", *args]
@@ -127,7 +130,10 @@ def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float 
 
 
 def _popen(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           # a rank that aborts in C++ (seen twice: "terminate called without an active exception" after a
+           # complete run, under torchrun) prints every thread's Python stack and the C++ one, for the record
+           "PYTHONFAULTHANDLER": "1", "TORCH_SHOW_CPP_STACKTRACES": "1"}
     return subprocess.Popen([sys.executable, "-m", "mlpmixer", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
