@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mlpmixer import MaskedLanguageModel, MLMConfig, allocator
-from mlpmixer.mlm import mask_tokens, mlm_loss
+from mlpmixer.mlm import mask_tokens
+from mlpmixer.text import mlm_loss_of
 
 from . import common
 
@@ -87,8 +88,7 @@ def ours_model(s: Seed, mixer: str = "mlp") -> nn.Module:
                                          vocab_size=s.vocab_size, token_mixer=mixer))
 
 
-# contender -> token mixer; "mlpmixer-train" is "mlpmixer" with the malloc setting `mlpmixer train` makes
-# (`mlpmixer.allocator.keep_freed_memory`), i.e. the step as the command line runs it
+# contender -> token mixer; "mlpmixer-train" is the step `mlpmixer train mlm` runs (`train_step`)
 OURS = {"mlpmixer": "mlp", "mlpmixer-train": "mlp", "mlpmixer-fourier": "fourier", "mlpmixer-gmlp": "gmlp"}
 
 
@@ -140,9 +140,11 @@ def floor_step(s: Seed, dtype: torch.dtype | None = None):
 
 def make_step(name: str, s: Seed, dtype: torch.dtype | None = None):
     """A closure running one training step of contender ``name`` (one of ``OURS``, "labml", or "floor":
-    `floor_step`)."""
+    `floor_step`; "mlpmixer-train" is `train_step`)."""
     if name == "floor":
         return floor_step(s, dtype)
+    if name == "mlpmixer-train":
+        return train_step(s, dtype)
     torch.manual_seed(0)
     model = (labml_model(s) if name == "labml" else ours_model(s, OURS[name])).train()
     opt = common.adamw(model.parameters())
@@ -151,7 +153,7 @@ def make_step(name: str, s: Seed, dtype: torch.dtype | None = None):
 
     if name != "labml":
         def loss_fn() -> Tensor:
-            return mlm_loss(model(inputs), labels)[0]
+            return mlm_loss_of(model, inputs, labels)[0]
     else:
         inputs_sf, labels_sf = inputs.t().contiguous(), labels.t().contiguous()  # labml is sequence-first
 
@@ -166,6 +168,41 @@ def make_step(name: str, s: Seed, dtype: torch.dtype | None = None):
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def train_step(s: Seed, dtype: torch.dtype | None = None):
+    """A closure running one step of `mlpmixer train mlm` at the seed configuration, as the command line
+    runs it: `mlpmixer.train._Loop.train_step` on a fresh global batch (windows sampled from a synthetic
+    text and masked, as `MLMTask.batch` does each step), its optimiser (`train.make_optimizer`: AdamW,
+    lr 1e-4, gradient clipping at 1.0), its autocast and the malloc setting `mlpmixer train` makes
+    (`mlpmixer.allocator.keep_freed_memory`). The run folder it would write to is never created."""
+    import tempfile
+    from pathlib import Path
+
+    from mlpmixer import train
+    from mlpmixer.data.tokenizer import CharTokenizer
+    from mlpmixer.text_train import MLMTask
+
+    allocator.keep_freed_memory()
+    torch.manual_seed(0)
+    model = ours_model(s).train()
+    g = torch.Generator().manual_seed(0)
+    tok = CharTokenizer([chr(33 + i) for i in range(s.vocab_size - 2)])  # [PAD], [MASK] and 65 characters
+    ids = torch.randint(2, s.vocab_size, (100_000,), generator=g)
+    task = MLMTask(ids, ids[:4 * s.seq_len], tok, s.seq_len, s.batch, 0, torch.device("cpu"))
+    config = train.TrainConfig(batch_size=s.batch, optimizer="adamw", lr=1e-4, warmup=0, grad_clip=1.0,
+                               precision="fp32" if dtype is None else "bf16", device="cpu",
+                               threads=torch.get_num_threads())
+    out = Path(tempfile.gettempdir()) / "mlpmixer-benchmark-never-written"
+    loop = train._Loop(model, task, config, train.distributed.Dist(), *train.make_optimizer(model, config, s.d_model),
+                       out, quiet=True, tensorboard=False)
+    step_index = iter(range(1 << 62))
+
+    def step() -> None:
+        i = next(step_index)
+        loop.train_step(task.batch(i, g), g, i)
 
     return step
 
@@ -227,8 +264,6 @@ def run(rounds: int, warmup: int, reps: int, threads: int = 2, dtype: torch.dtyp
 
 
 def _step(name: str, bf16: bool):
-    if name == "mlpmixer-train":
-        allocator.keep_freed_memory()
     if name == "peak":
         return common.matmul(dtype=torch.bfloat16 if bf16 else torch.float32)[0]
     return make_step(name, Seed(), torch.bfloat16 if bf16 else None)

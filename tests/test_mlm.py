@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from mlpmixer import CharTokenizer, MaskedLanguageModel, MLMConfig, fill_mask, mask_tokens
 from mlpmixer.mlm import IGNORE_INDEX, MLMTask, mlm_loss
+from mlpmixer.text import chosen_positions, mlm_loss_of
 
 # --- MLMConfig -----------------------------------------------------------------------------------------
 
@@ -219,6 +220,38 @@ def test_mlm_loss_with_nothing_chosen_is_zero_with_zero_gradient():
     loss.backward()
     assert loss.item() == 0.0 and int(correct) == 0 and int(count) == 0
     assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+@pytest.mark.parametrize("mixer", ["mlp", "attention"])
+def test_logits_at_chosen_positions_equal_the_full_logits_there(tiny_mlm_config, mixer):
+    model = MaskedLanguageModel(tiny_mlm_config(token_mixer=mixer)).eval()
+    ids = torch.randint(2, 20, (4, 12), generator=torch.Generator().manual_seed(0))
+    inputs, labels = mask_tokens(ids, mask_id=1, vocab_size=20, special_ids=(0, 1),
+                                 generator=torch.Generator().manual_seed(1))
+    chosen = chosen_positions(labels)
+    assert 0 < len(chosen) < labels.numel()
+    b, n = torch.nonzero(labels != IGNORE_INDEX, as_tuple=True)  # the same positions, row-major
+    full = model(inputs)
+    torch.testing.assert_close(model(inputs, positions=chosen), full[b, n], rtol=1e-5, atol=1e-6)
+
+
+def test_mlm_loss_of_the_model_equals_the_loss_of_its_full_logits(tiny_mlm_config):
+    """The head applied at the chosen positions only: the same loss, counts and gradients."""
+    ids = torch.randint(2, 20, (6, 12), generator=torch.Generator().manual_seed(0))
+    inputs, labels = mask_tokens(ids, mask_id=1, vocab_size=20, special_ids=(0, 1),
+                                 generator=torch.Generator().manual_seed(2))
+    results = []
+    for picked in (False, True):
+        torch.manual_seed(0)
+        model = MaskedLanguageModel(tiny_mlm_config())
+        loss, correct, count = (mlm_loss_of(model, inputs, labels) if picked else mlm_loss(model(inputs), labels))
+        loss.backward()
+        results.append((loss.detach(), int(correct), int(count), {k: p.grad for k, p in model.named_parameters()}))
+    (la, ca, na, ga), (lb, cb, nb, gb) = results
+    torch.testing.assert_close(lb, la, rtol=1e-6, atol=1e-6)
+    assert (cb, nb) == (ca, na) and na > 0
+    for k in ga:
+        torch.testing.assert_close(gb[k], ga[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
 # --- validation -----------------------------------------------------------------------------------------

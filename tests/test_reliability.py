@@ -291,7 +291,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_saves(trained_run, sonnet
 
 
 def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(sonnet_file, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(text_train, "mlm_loss", lambda logits, labels: (logits.sum() * float("nan"), 0, 1))
+    monkeypatch.setattr(text_train, "mlm_loss_of", lambda model, inputs, labels: (model(inputs).sum() * float("nan"), 0, 1))
     out = tmp_path / "run"
     assert train_mlm(sonnet_file, out) == 1
     one_line(capsys, "the loss became nan at step 1")
@@ -394,15 +394,15 @@ def test_a_legacy_checkpoint_cut_between_its_two_files_is_refused_on_resume(trai
 
 
 def test_ctrl_c_checkpoints_and_exits_130(sonnet_file, tmp_path, monkeypatch, capsys):
-    real, calls = text_train.mlm_loss, []
+    real, calls = text_train.mlm_loss_of, []
 
-    def interrupted_at_step_3(logits, labels):
+    def interrupted_at_step_3(model, inputs, labels):
         calls.append(1)
         if len(calls) == 3:
             os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during step 3
-        return real(logits, labels)
+        return real(model, inputs, labels)
 
-    monkeypatch.setattr(text_train, "mlm_loss", interrupted_at_step_3)
+    monkeypatch.setattr(text_train, "mlm_loss_of", interrupted_at_step_3)
     out = tmp_path / "run"
     assert train_mlm(sonnet_file, out) == 130
     err = capsys.readouterr().err

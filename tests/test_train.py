@@ -12,7 +12,7 @@ import torch
 from mlpmixer import MaskedLanguageModel, load
 from mlpmixer.text_train import TextSource, resume_mlm, train_mlm
 from mlpmixer.mlm import SAMPLE_PROMPTS
-from mlpmixer.train import TrainConfig, make_optimizer
+from mlpmixer.train import TrainConfig, make_optimizer, rescale_gradients
 
 TINY_MODEL = dict(seq_len=16, d_model=32, n_layers=1, d_ff=32, tokens_mlp_dim=16)
 
@@ -206,14 +206,15 @@ def test_non_finite_loss_stops_the_run(tmp_path):
 def test_gradients_are_clipped(tmp_path, monkeypatch):
     from mlpmixer.train import fit
 
-    seen = []
-    real = torch.nn.utils.clip_grad_norm_
+    norms = []
+    real = torch.optim.AdamW.step
 
-    def spy(params, max_norm, *args, **kwargs):
-        seen.append(max_norm)
-        return real(params, max_norm, *args, **kwargs)
+    def spy(self, *args, **kwargs):  # the gradients the optimiser steps with
+        norms.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for g in self.param_groups
+                                                                 for p in g["params"]]))))
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
 
     class Finite(NaNTask):
         def loss(self, model, batch, generator):
@@ -221,7 +222,44 @@ def test_gradients_are_clipped(tmp_path, monkeypatch):
 
     model = torch.nn.Linear(4, 4)
     fit(model, Finite(), TrainConfig(steps=3, device="cpu"), tmp_path, d_model=4, run_config={}, quiet=True)
-    assert seen == [1.0, 1.0, 1.0]
+    assert norms == pytest.approx([1.0, 1.0, 1.0], rel=1e-5), "clipped from ~1e6 to --grad-clip 1.0"
+
+
+@pytest.mark.parametrize("scale, max_norm", [(0.25, 0.0), (0.25, 1.0), (0.25, 100.0), (3.0, 0.5)])
+def test_rescale_gradients_is_a_scaling_then_clip_grad_norm(scale, max_norm):
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(*shape)) for shape in ((5, 3), (7,), (2, 2, 2))]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    expected = [p.grad * scale for p in params]
+    if max_norm:
+        reference = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
+        for r, e in zip(reference, expected):
+            r.grad = e.clone()
+        torch.nn.utils.clip_grad_norm_(reference, max_norm)
+        expected = [r.grad for r in reference]
+    rescale_gradients(params + [torch.nn.Parameter(torch.zeros(3))], scale, max_norm)  # one without a gradient
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-6, atol=1e-7)
+
+
+def test_the_optimiser_is_fused_adamw_where_torch_has_it():
+    """The fused kernel (one pass per tensor) on the CPU; its steps equal the multi-tensor form's."""
+    model = torch.nn.Linear(8, 4)
+    opt, _ = make_optimizer(model, TrainConfig(optimizer="adamw", lr=1e-2, warmup=0, weight_decay=0.1), 8)
+    assert opt.defaults["fused"]
+    twin = torch.nn.Linear(8, 4)
+    twin.load_state_dict(model.state_dict())
+    groups = [{"params": [twin.weight], "weight_decay": 0.1}, {"params": [twin.bias], "weight_decay": 0.0}]
+    reference = torch.optim.AdamW(groups, lr=1e-2, foreach=True)
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    for _ in range(5):
+        for m, o in ((model, opt), (twin, reference)):
+            m(x).square().mean().backward()
+            o.step()
+            o.zero_grad()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_thread_choice(monkeypatch):

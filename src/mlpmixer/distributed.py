@@ -66,8 +66,14 @@ def setup(device_name: str) -> Dist:
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(), device=device)
 
 
-def teardown(ctx: Dist) -> None:
+def teardown(ctx: Dist, completed: bool = True) -> None:
+    """Leave the process group. After a completed run the ranks first wait for each other (rank 0 may
+    still be writing the run's last files), so that none leaves while another still talks to it; after
+    an error they leave at once (a rank that failed alone never reaches a barrier, and torchrun stops
+    the others)."""
     if ctx.enabled and dist.is_initialized():
+        if completed:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -91,9 +91,21 @@ class LanguageModel(nn.Module):
         self.encoder = Encoder(config.encoder)
         self.head = nn.Linear(config.d_model, config.vocab_size)
 
-    def forward(self, input_ids: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+    def forward(self, input_ids: Tensor, padding_mask: Tensor | None = None,
+                positions: Tensor | None = None) -> Tensor:
+        """Logits (B, N, vocab_size) for ids (B, N); with ``positions`` (flat indices into (B, N), as
+        `chosen_positions` gives them) the logits at those positions only, (len(positions), vocab_size):
+        the MLM loss needs the ~15 % chosen ones, and the head then multiplies 15 % of the rows."""
         xs = self.encoder.forward_seq_first(self.embed(input_ids), padding_mask)  # (N, B, D)
-        return self.head(xs).transpose(0, 1)  # (N, B, vocab_size) -> (B, N, vocab_size)
+        if positions is None:
+            return self.head(xs).transpose(0, 1)  # (N, B, vocab_size) -> (B, N, vocab_size)
+        n, b = xs.shape[:2]
+        rows = positions % n * b + positions // n  # position (b, n) is row n·B + b of the sequence-first xs
+        # padded to a multiple of 64 rows: the chosen count differs in every batch, and oneDNN builds its
+        # bf16 products anew for each new shape (1.4 ms a step here); whole 64s make a few shapes, reused
+        chosen = len(rows)
+        rows = torch.cat([rows, rows.new_zeros(-chosen % 64)])
+        return self.head(xs.reshape(n * b, -1).index_select(0, rows))[:chosen]  # (len(positions), vocab_size)
 
     def save_pretrained(self, directory: str | os.PathLike, tokenizer=None) -> None:
         """Write ``config.json`` and ``model.safetensors`` (and ``vocab.json`` when given the tokenizer):
@@ -151,13 +163,29 @@ def mask_tokens(ids: Tensor, *, mask_id: int, vocab_size: int, special_ids: list
     return inputs, labels
 
 
+def chosen_positions(labels: Tensor) -> Tensor:
+    """The flat indices into ``labels`` (B, N) of the positions the MLM chose (label not IGNORE_INDEX)."""
+    return (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+
+
 def mlm_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Cross-entropy over chosen positions; also returns (correct, chosen) counts for accuracy."""
-    flat_labels = labels.reshape(-1)
-    chosen = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)  # ~15 % of the positions: the rest cost nothing
-    picked = logits.reshape(-1, logits.shape[-1]).index_select(0, chosen)  # (chosen, vocab)
-    targets = flat_labels.index_select(0, chosen)
-    count = torch.tensor(chosen.numel(), device=labels.device)
+    """Cross-entropy over chosen positions of ``logits`` (B, N, vocab_size); also returns (correct, chosen)
+    counts for accuracy."""
+    chosen = chosen_positions(labels)  # ~15 % of the positions: the rest cost nothing
+    return _chosen_loss(logits.reshape(-1, logits.shape[-1]).index_select(0, chosen),
+                        labels.reshape(-1).index_select(0, chosen))
+
+
+def mlm_loss_of(model: nn.Module, inputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """`mlm_loss` of ``model`` (a `LanguageModel`) on ``inputs``, with the head applied at the chosen
+    positions only (the same loss; the head's products and their gradients on 15 % of the rows)."""
+    chosen = chosen_positions(labels)
+    return _chosen_loss(model(inputs, positions=chosen), labels.reshape(-1).index_select(0, chosen))
+
+
+def _chosen_loss(picked: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean cross-entropy of the chosen positions' logits (chosen, vocab) against their targets (chosen,)."""
+    count = torch.tensor(targets.numel(), device=targets.device)
     # summed then divided, so a batch with nothing chosen gives 0 (not 0/0) and no gradient
     loss = F.cross_entropy(picked.float(), targets, reduction="sum")
     correct = (picked.argmax(-1) == targets).sum()

@@ -23,7 +23,7 @@ from .data.text import DataError, load_corpus, read_text_file
 from .data.tokenizer import CharTokenizer
 from .data.windows import WindowSampler, split_train_val, windows
 from .text import (IGNORE_INDEX, SPECIAL_TOKENS, LanguageModel, TextConfig, config_class, generate, lm_loss,
-                   mask_tokens, mlm_loss)
+                   mask_tokens, mlm_loss_of)
 from .train import TrainConfig, fit, is_terminal, resolve_device, resumed_configs, shard_sums, steps_for_epochs
 
 
@@ -103,7 +103,7 @@ class MLMTask(WindowTask):
 
     def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor], generator: torch.Generator):
         inputs, labels = batch
-        loss, correct, count = mlm_loss(model(inputs), labels)
+        loss, correct, count = mlm_loss_of(model, inputs, labels)
         return loss, {"correct": correct, "count": count}
 
     def tokens_per_batch(self, batch: tuple[Tensor, Tensor]) -> int:
@@ -114,7 +114,7 @@ class MLMTask(WindowTask):
         # whatever the number of ranks
         generator = torch.Generator(device=self.device).manual_seed(1234 + i)
         inputs, labels = self._mask(chunk, generator)
-        return mlm_loss(model(inputs), labels)
+        return mlm_loss_of(model, inputs, labels)
 
     @staticmethod
     def summarise(sums: dict[str, float]) -> dict[str, float]:

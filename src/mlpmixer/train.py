@@ -196,13 +196,35 @@ def resumed_configs(out: Path, task: str, changes: dict, train_cls: type = Train
     return saved, train
 
 
+def adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel (one pass per parameter tensor) where the parameters' device has
+    it, else the multi-tensor (foreach) form. The same update; fused measured 1.3 ms faster per MLM
+    seed step (bf16, 2 threads: 42.9 -> 41.6 ms) and it makes no model-sized temporaries
+    (docs/benchmarks.md)."""
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=True)
+    except (RuntimeError, TypeError):  # a device (or a torch) without the fused kernel
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), foreach=True)
+
+
+def rescale_gradients(parameters, scale: float, max_norm: float = 0.0) -> None:
+    """Multiply the parameters' gradients by ``scale``, then clip their global norm to ``max_norm`` (when
+    not 0) as `torch.nn.utils.clip_grad_norm_` would, both in one pass over the gradients."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    if max_norm:
+        norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) * scale
+        scale *= min(1.0, max_norm / (norm + 1e-6))  # clip_grad_norm_'s coefficient
+    torch._foreach_mul_(grads, scale)
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig, d_model: int):
     """Adam/AdamW and a LambdaLR schedule; biases and norms are exempt from weight decay."""
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=1.0 if config.optimizer == "noam" else config.lr, betas=(0.9, 0.999),
-                            foreach=True)
+    opt = adamw(groups, lr=1.0 if config.optimizer == "noam" else config.lr)
     w = max(config.warmup, 1)
     if config.optimizer == "noam":
         def rate(step: int) -> float:
@@ -389,9 +411,12 @@ def _fit(model: nn.Module, task: Task, config: TrainConfig, out: Path, ctx: dist
                   f"{max(1, config.steps // 10)}", file=sys.stderr)
     try:
         with _StopFlag() as stop:
-            return loop.run(start, stop)
-    finally:
-        loop.close()
+            result = loop.run(start, stop)
+    except BaseException:
+        loop.close(completed=False)
+        raise
+    loop.close(completed=True)
+    return result
 
 
 def summary(model: nn.Module, task: Task, config: TrainConfig, out: Path, environment: dict, why: str, start: int,
@@ -417,6 +442,7 @@ class _Loop:
         self.model, self.task, self.config, self.ctx, self.opt, self.sched, self.out = \
             model, task, config, ctx, opt, sched, out
         self.log_sums = log_sums or {}  # the metrics the resumed checkpoint had summed since its last row
+        self.parameters = list(model.parameters())  # listed once: walking the modules every step costs 0.2 ms
         self.train_model = torch.compile(model) if config.compile else model
         if ctx.enabled:
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
@@ -489,11 +515,8 @@ class _Loop:
             raise NonFiniteLoss(f"the loss became {totals['loss']} at step {step + 1}; {kept} "
                                 f"(try a lower --lr, or --grad-clip)")
         self.scaler.unscale_(self.opt)
-        # DDP averaged the ranks' summed gradients; rescale to the mean over the whole global batch
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        torch._foreach_mul_(grads, ctx.world / max(totals["count"], 1.0))
-        if config.grad_clip:
-            nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        # DDP averaged the ranks' summed gradients: world / count makes them the mean over the global batch
+        rescale_gradients(self.parameters, ctx.world / max(totals["count"], 1.0), config.grad_clip)
         self.lr = self.sched.get_last_lr()[0]  # the rate this step uses
         self.scaler.step(self.opt)
         self.scaler.update()
@@ -570,12 +593,13 @@ class _Loop:
                                 f"by step {step} (largest |w| {largest:.3g}); {kept} (try a lower --lr, or "
                                 f"--grad-clip)")
 
-    def close(self) -> None:
+    def close(self, completed: bool) -> None:
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
-        distributed.teardown(self.ctx)
+        self.train_model = None  # DDP's reducer goes before the process group it holds
+        distributed.teardown(self.ctx, completed)
 
 
 class _TrainingSums:
