@@ -138,13 +138,13 @@ def floor_step(s: Seed, dtype: torch.dtype | None = None):
     return step
 
 
-def make_step(name: str, s: Seed, dtype: torch.dtype | None = None):
+def make_step(name: str, s: Seed, dtype: torch.dtype | None = None, malloc: bool = True):
     """A closure running one training step of contender ``name`` (one of ``OURS``, "labml", or "floor":
-    `floor_step`; "mlpmixer-train" is `train_step`)."""
+    `floor_step`; "mlpmixer-train" is `train_step`, with its malloc setting when ``malloc``)."""
     if name == "floor":
         return floor_step(s, dtype)
     if name == "mlpmixer-train":
-        return train_step(s, dtype)
+        return train_step(s, dtype, malloc)
     torch.manual_seed(0)
     model = (labml_model(s) if name == "labml" else ours_model(s, OURS[name])).train()
     opt = common.adamw(model.parameters())
@@ -172,12 +172,13 @@ def make_step(name: str, s: Seed, dtype: torch.dtype | None = None):
     return step
 
 
-def train_step(s: Seed, dtype: torch.dtype | None = None):
+def train_step(s: Seed, dtype: torch.dtype | None = None, malloc: bool = True):
     """A closure running one step of `mlpmixer train mlm` at the seed configuration, as the command line
     runs it: `mlpmixer.train._Loop.train_step` on a fresh global batch (windows sampled from a synthetic
     text and masked, as `MLMTask.batch` does each step), its optimiser (`train.make_optimizer`: AdamW,
-    lr 1e-4, gradient clipping at 1.0), its autocast and the malloc setting `mlpmixer train` makes
-    (`mlpmixer.allocator.keep_freed_memory`). The run folder it would write to is never created."""
+    lr 1e-4, gradient clipping at 1.0), its autocast and, with ``malloc``, the malloc setting `mlpmixer
+    train` makes (`mlpmixer.allocator.keep_freed_memory`: process-wide, so not where contenders share a
+    process). The run folder it would write to is never created."""
     import tempfile
     from pathlib import Path
 
@@ -185,7 +186,8 @@ def train_step(s: Seed, dtype: torch.dtype | None = None):
     from mlpmixer.data.tokenizer import CharTokenizer
     from mlpmixer.text_train import MLMTask
 
-    allocator.keep_freed_memory()
+    if malloc:
+        allocator.keep_freed_memory()
     torch.manual_seed(0)
     model = ours_model(s).train()
     g = torch.Generator().manual_seed(0)
@@ -226,10 +228,11 @@ def run(rounds: int, warmup: int, reps: int, threads: int = 2, dtype: torch.dtyp
     jobs = {n: (n, *extra) for n in ("peak", "floor", *names)}
     if interleaved:
         torch.set_num_threads(threads)
-        fns = {n: make_step(n, s, dtype) if n != "peak" else common.matmul(dtype=dtype or torch.float32)[0]
+        fns = {n: make_step(n, s, dtype, malloc=False) if n != "peak" else common.matmul(dtype=dtype or torch.float32)[0]
                for n in jobs}
         med = common.time_in_process(fns, warmup, rounds * reps)
-        method = f"all in this process, alternating, {warmup} warm-up + {rounds * reps} timed rounds, medians"
+        method = (f"all in this process, alternating, {warmup} warm-up + {rounds * reps} timed rounds, medians; "
+                  f"mlpmixer-train without its malloc setting (process-wide)")
     else:
         med = common.time_alone("benchmarks.mlm", jobs, rounds=rounds, warmup=warmup, reps=reps, threads=threads)
         method = (f"each alone in its own process, {rounds} alternating rounds of {warmup} warm-up + {reps} timed "
