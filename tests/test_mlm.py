@@ -254,6 +254,17 @@ def test_mlm_loss_of_the_model_equals_the_loss_of_its_full_logits(tiny_mlm_confi
         torch.testing.assert_close(gb[k], ga[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_mlm_loss_of_with_nothing_chosen_is_zero_with_zero_gradient(tiny_mlm_config, dtype):
+    model = MaskedLanguageModel(tiny_mlm_config())
+    inputs = torch.randint(2, 20, (3, 12))
+    with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        loss, correct, count = mlm_loss_of(model, inputs, torch.full((3, 12), IGNORE_INDEX))
+    loss.backward()
+    assert loss.item() == 0.0 and int(correct) == 0 and int(count) == 0
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
 # --- validation -----------------------------------------------------------------------------------------
 
 def test_validation_is_deterministic(tiny_mlm_config):

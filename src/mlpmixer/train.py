@@ -198,8 +198,8 @@ def resumed_configs(out: Path, task: str, changes: dict, train_cls: type = Train
 
 def adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
     """AdamW with torch's fused kernel (one pass per parameter tensor) where the parameters' device has
-    it, else the multi-tensor (foreach) form. The same update; fused measured 1.3 ms faster per MLM
-    seed step (bf16, 2 threads: 42.9 -> 41.6 ms) and it makes no model-sized temporaries
+    it, else the multi-tensor (foreach) form. The same update; fused measured 1.7 ms faster per MLM
+    seed step (bf16, 2 threads: 43.7 -> 42.0 ms) and it makes no model-sized temporaries
     (docs/benchmarks.md)."""
     try:
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=True)
