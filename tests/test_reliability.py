@@ -393,6 +393,56 @@ def test_a_legacy_checkpoint_cut_between_its_two_files_is_refused_on_resume(trai
     mlpmixer.load(run)  # the weights themselves still load
 
 
+class _SignalsWhileCollected:
+    """Sends ``signum`` to this process from its ``__del__`` and stays there while Python runs the handler:
+    a signal that arrives while garbage collection runs a ``__del__``, as it can anywhere."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+
+    def __del__(self):
+        os.kill(os.getpid(), self.signum)
+        for _ in range(10_000):  # the handler runs between these bytecodes, inside __del__
+            pass
+
+
+def test_a_stop_signal_inside_a_del_is_kept_and_raised_later(capsys):
+    """An exception raised inside __del__ is printed ("Exception ignored", with a traceback) and dropped,
+    so a handler that raised there lost the signal; it is kept and raised at the next safe point."""
+    from mlpmixer.cli import _terminate
+    from mlpmixer.train import Stopped, raise_deferred_stop
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        _SignalsWhileCollected(signal.SIGTERM)  # collected at once
+        assert "Exception ignored" not in capsys.readouterr().err
+        with pytest.raises(Stopped) as stopped:
+            raise_deferred_stop()
+        raise_deferred_stop()  # raised once only
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.signum == signal.SIGTERM
+
+
+def test_sigterm_inside_a_del_during_set_up_stops_the_run_cleanly(sonnet_file, tmp_path, monkeypatch, capsys):
+    """Seen in CI: SIGTERM landed in subprocess.Popen.__del__ while a run was starting; the run printed a
+    traceback and went on training. Now it stops before training, exit status 143, nothing left behind."""
+    from mlpmixer import train
+
+    real = train.choose_threads
+
+    def set_up_with_a_collection(*args, **kwargs):
+        _SignalsWhileCollected(signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "choose_threads", set_up_with_a_collection)
+    out = tmp_path / "run"
+    assert train_mlm(sonnet_file, out) == 143
+    err = capsys.readouterr().err
+    assert "mlpmixer: terminated" in err and "Traceback" not in err and "Exception ignored" not in err, err
+    assert not out.exists()
+
+
 def test_ctrl_c_checkpoints_and_exits_130(sonnet_file, tmp_path, monkeypatch, capsys):
     real, calls = text_train.mlm_loss_of, []
 

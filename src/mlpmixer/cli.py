@@ -490,18 +490,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _terminate(signum, frame) -> None:
-    from .train import Stopped
+    from .train import raise_stop
 
-    raise Stopped(signum)  # unwinds like Ctrl-C, so nothing half-made is left behind
+    raise_stop(signum, frame)  # unwinds like Ctrl-C, so nothing half-made is left behind
 
 
 def run(args: argparse.Namespace) -> int:
     import signal
 
-    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
-        else None
+    from .train import STOP_SIGNALS, raise_deferred_stop
+
+    previous = ({s: signal.signal(s, _terminate) for s in STOP_SIGNALS}
+                if threading.current_thread() is threading.main_thread() else {})
     try:
-        return args.handler(args)
+        status = args.handler(args)
+        raise_deferred_stop()  # a signal that came inside a __del__ after the last point that raises it
+        return status
     except KeyboardInterrupt as e:
         terminated = getattr(e, "signum", signal.SIGINT) == signal.SIGTERM
         print(f"\nmlpmixer: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
@@ -511,8 +515,8 @@ def run(args: argparse.Namespace) -> int:
     except Exception as e:  # a failed run: OSError (disk full), NonFiniteLoss, anything unforeseen
         return report(e, args.debug, EXIT_RUNTIME)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def report(error: Exception, debug: bool, status: int) -> int:

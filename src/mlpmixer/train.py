@@ -257,6 +257,30 @@ class Stopped(KeyboardInterrupt):
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
+_deferred_stops: list[int] = []  # stop signals that arrived inside a __del__, not yet raised
+
+
+def raise_stop(signum: int, frame) -> None:
+    """From a signal handler: raise `Stopped` for ``signum``. A signal that interrupted a ``__del__``
+    (garbage collection can run one anywhere) is kept instead: Python prints an exception raised there
+    as "Exception ignored", traceback and all, and drops it, so the signal would be lost. The next
+    `raise_deferred_stop` raises it."""
+    f = frame
+    while f is not None:
+        if f.f_code.co_name == "__del__":
+            _deferred_stops.append(signum)
+            return
+        f = f.f_back
+    raise Stopped(signum)
+
+
+def raise_deferred_stop() -> None:
+    """Raise `Stopped` for a stop signal `raise_stop` kept, if there is one."""
+    if _deferred_stops:
+        signum = _deferred_stops[0]
+        _deferred_stops.clear()
+        raise Stopped(signum)
+
 
 class _StopFlag:
     """SIGINT or SIGTERM sets a flag that the loop reads between steps, so a checkpoint is never half a step."""
@@ -270,13 +294,14 @@ class _StopFlag:
         return self.signum is not None
 
     def __enter__(self) -> "_StopFlag":
+        raise_deferred_stop()  # a signal during the set-up, kept by `raise_stop`: stop before training
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         return self
 
     def _handle(self, signum, frame) -> None:
         if self.requested:  # a second signal: stop at once
-            raise Stopped(signum)
+            raise_stop(signum, frame)
         self.signum = signum
 
     def __exit__(self, *exc) -> None:
