@@ -107,13 +107,12 @@ def timed_rounds(contenders: dict[str, Callable[[], object]], warmup: int, reps:
 
 
 def adamw(params) -> torch.optim.Optimizer:
-    """The benchmarks' optimiser, the same for every contender: AdamW with torch's fused CPU kernel
-    (one pass over each tensor, no foreach temporaries the size of the model), else foreach."""
-    params = list(params)
-    try:
-        return torch.optim.AdamW(params, lr=1e-4, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(params, lr=1e-4, foreach=True)
+    """The benchmarks' optimiser, the same for every contender: `mlpmixer train`'s AdamW
+    (`mlpmixer.train.adamw`: torch's fused CPU kernel, one pass over each tensor, no foreach temporaries
+    the size of the model; else foreach) at lr 1e-4, one parameter group."""
+    from mlpmixer.train import adamw as train_adamw
+
+    return train_adamw([{"params": list(params)}], lr=1e-4)
 
 
 PEAK_N = 2048

@@ -609,7 +609,7 @@ class _Loop:
     def check_weights(self, step: int) -> None:
         """Refuse to checkpoint non-finite or exploded weights: the kept checkpoint stays the last good one."""
         with torch.no_grad():
-            largest = max(float(p.detach().abs().max()) for p in self.model.parameters() if p.numel())
+            largest = max(float(p.detach().abs().max()) for p in self.parameters if p.numel())
         if not math.isfinite(largest) or largest > EXPLODED:
             previous = checkpoints.checkpoint_step(self.out)
             kept = (f"the last good checkpoint (step {previous}) is kept in {self.out}" if previous is not None
