@@ -12,6 +12,7 @@
  * as torch's element-wise kernels do; built with -ffp-contract=off so no product is fused into a sum.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <math.h>
 
@@ -52,26 +53,47 @@ static inline uint16_t store_bf16(float f) {
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 /* out (rows, cols) = bias + (dropped where the element is dropped, else 0): a dropout-biased
- * pre-activation buffer (mlpmixer.fused). bias has one value per row (per_row) or per column. */
+ * pre-activation buffer (mlpmixer.fused). bias has one value per row (per_row) or per column. Each
+ * element is one of two values of its row (or column), STORE(b) and STORE(b + dropped), made once per
+ * call: the pass is a compare and a blend (16-bit lanes, 32 to a 512-bit register) instead of a
+ * conversion, an add and a rounding per element, with the same results. */
 #define DROPOUT_BIAS(NAME, T, LOAD, STORE)                                                           \
     void NAME(T *out, const T *bias, int64_t rows, int64_t cols, int per_row, uint64_t key,          \
               uint32_t thr, float dropped, int nthreads) {                                          \
         const int64_t per = (cols + BLOCK - 1) / BLOCK, tasks = rows * per;                          \
+        const int64_t width = per_row ? rows : cols;  /* one value pair per row or per column */    \
+        T *kept = malloc(2 * (size_t)width * sizeof(T)), *gone = kept + width;                       \
+        if (!kept) { /* no memory for the pairs: one element at a time */                           \
+            _Pragma("omp parallel for num_threads(nthreads) schedule(static) if(rows * cols >= PARALLEL_MIN)") \
+            for (int64_t t = 0; t < tasks; ++t) {                                                    \
+                const int64_t i = t / per, j0 = (t % per) * BLOCK, n = min64(BLOCK, cols - j0);     \
+                uint16_t lanes[BLOCK];                                                               \
+                draw(key, i * cols + j0, n, lanes);                                                  \
+                for (int64_t k = 0; k < n; ++k)                                                      \
+                    out[i * cols + j0 + k] = STORE(LOAD(bias[per_row ? i : j0 + k])                  \
+                                                   + (lanes[k] < thr ? dropped : 0.0f));             \
+            }                                                                                        \
+            return;                                                                                  \
+        }                                                                                            \
+        for (int64_t j = 0; j < width; ++j) {                                                        \
+            kept[j] = STORE(LOAD(bias[j]) + 0.0f);                                                   \
+            gone[j] = STORE(LOAD(bias[j]) + dropped);                                                \
+        }                                                                                            \
         _Pragma("omp parallel for num_threads(nthreads) schedule(static) if(rows * cols >= PARALLEL_MIN)") \
         for (int64_t t = 0; t < tasks; ++t) {                                                        \
             const int64_t i = t / per, j0 = (t % per) * BLOCK, n = min64(BLOCK, cols - j0);         \
             uint16_t lanes[BLOCK];                                                                   \
             draw(key, i * cols + j0, n, lanes);                                                      \
-            T *o = out + i * cols + j0;                                                              \
+            T *restrict o = out + i * cols + j0;                                                     \
             if (per_row) {                                                                           \
-                const float b = LOAD(bias[i]);                                                       \
-                for (int64_t k = 0; k < n; ++k) o[k] = STORE(b + (lanes[k] < thr ? dropped : 0.0f)); \
+                const T k1 = kept[i], g1 = gone[i];                                                  \
+                for (int64_t k = 0; k < n; ++k) o[k] = lanes[k] < thr ? g1 : k1;                     \
             } else {                                                                                 \
-                const T *b = bias + j0;                                                              \
-                for (int64_t k = 0; k < n; ++k)                                                      \
-                    o[k] = STORE(LOAD(b[k]) + (lanes[k] < thr ? dropped : 0.0f));                    \
+                const T *restrict k1 = kept + j0, *restrict g1 = gone + j0;                          \
+                for (int64_t k = 0; k < n; ++k) o[k] = lanes[k] < thr ? g1[k] : k1[k];               \
             }                                                                                        \
         }                                                                                            \
+        free(kept);                                                                                  \
     }
 
 /* `BODY` for every element e < n, which sees e and the element's lane u: the elements go in tasks of
@@ -180,21 +202,37 @@ static inline float vsum(vf v) {  /* 16 lanes in a fixed pairwise tree: lane j +
     return c[0] + c[1];
 }
 
+/* Rows go GROUP at a time through each pass (the means, then the variances, then the writes): a row's
+ * pass is short (d / 16 vectors) and its mean and ρ are latency chains (a sum tree, a division, a square
+ * root), so rows one after another left the core waiting; GROUP independent chains overlap. Each row's
+ * arithmetic is unchanged. */
+#define GROUP 4
 #define LAYER_NORM(NAME, TO, VSTORE)                                                                 \
     void NAME(TO *y, float *mean, float *rstd, const float *x, const float *w, const float *b,       \
               int64_t rows, int64_t d, float eps, int nthreads) {                                    \
         _Pragma("omp parallel for num_threads(nthreads) schedule(static) if(rows * d >= PARALLEL_MIN)") \
-        for (int64_t r = 0; r < rows; ++r) {                                                         \
-            const float *xr = x + r * d;                                                             \
-            vf s = {0}, v = {0};                                                                     \
-            for (int64_t k = 0; k < d; k += V) s += vload_f32(xr + k);                               \
-            const float mu = vsum(s) / (float)d;                                                     \
-            for (int64_t k = 0; k < d; k += V) { const vf t = vload_f32(xr + k) - mu; v += t * t; }  \
-            const float rho = 1.0f / sqrtf(vsum(v) / (float)d + eps);                                \
-            for (int64_t k = 0; k < d; k += V)                                                       \
-                VSTORE(y + r * d + k, (vload_f32(xr + k) - mu) * rho * vload_f32(w + k) + vload_f32(b + k)); \
-            mean[r] = mu;                                                                            \
-            rstd[r] = rho;                                                                           \
+        for (int64_t r0 = 0; r0 < rows; r0 += GROUP) {                                               \
+            const int64_t m = min64(GROUP, rows - r0);                                               \
+            float mu[GROUP], rho[GROUP];                                                             \
+            for (int64_t q = 0; q < m; ++q) {                                                        \
+                const float *xr = x + (r0 + q) * d;                                                  \
+                vf s = {0};                                                                          \
+                for (int64_t k = 0; k < d; k += V) s += vload_f32(xr + k);                           \
+                mu[q] = vsum(s) / (float)d;                                                          \
+            }                                                                                        \
+            for (int64_t q = 0; q < m; ++q) {                                                        \
+                const float *xr = x + (r0 + q) * d;                                                  \
+                vf v = {0};                                                                          \
+                for (int64_t k = 0; k < d; k += V) { const vf t = vload_f32(xr + k) - mu[q]; v += t * t; } \
+                rho[q] = 1.0f / sqrtf(vsum(v) / (float)d + eps);                                     \
+            }                                                                                        \
+            for (int64_t q = 0; q < m; ++q) {                                                        \
+                const float *xr = x + (r0 + q) * d;                                                  \
+                for (int64_t k = 0; k < d; k += V)                                                   \
+                    VSTORE(y + (r0 + q) * d + k, (vload_f32(xr + k) - mu[q]) * rho[q] * vload_f32(w + k) + vload_f32(b + k)); \
+                mean[r0 + q] = mu[q];                                                                \
+                rstd[r0 + q] = rho[q];                                                               \
+            }                                                                                        \
         }                                                                                            \
     }
 
