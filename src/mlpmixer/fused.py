@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import allocator, kernels
+from . import allocator, kernels, node
 
 ACT_FORWARD = {
     "gelu": F.gelu,
@@ -185,10 +185,38 @@ def fusable(x: Tensor) -> bool:
             and kernels.supports(x) and autocast_dtype(x.device.type) in (None, torch.bfloat16))
 
 
+def _compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # torch < 2.3
+        return False
+
+
+def _keeps(x: Tensor, w1: Tensor, left: bool, dtype: torch.dtype | None) -> bool:
+    """Whether `_mlp_forward` keeps σ(h) for this branch (it decides the same from σ(h) itself)."""
+    hidden = w1.shape[0] * x.numel() // (x.shape[0] if left else x.shape[-1])
+    return allocator.keeping() and hidden * (dtype or x.dtype).itemsize <= KEEP_ACTIVATION_BYTES
+
+
 class _ResidualMlp(torch.autograd.Function):
+    """Forward and backward run `node.cpp`'s operators where they are built (`node.ops`), else the
+    Python bodies below: the same operations in the same order, so the same results."""
+
     @staticmethod
     def forward(ctx, x: Tensor, norm_w: Tensor, norm_b: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
                 eps: float, activation: str, left: bool, dropout, branch_dropout, dtype: torch.dtype | None) -> Tensor:
+        # torch.compile traces the Python bodies (the operators have no fake-tensor form)
+        native = node.ops() if w1.dtype == b1.dtype == w2.dtype == b2.dtype and not _compiling() else None
+        ctx.native = native is not None
+        if native is not None:
+            hidden = (dropout.threshold, dropout.scale) if dropout is not None else (0, 1.0)
+            branch = (branch_dropout.threshold, branch_dropout.scale) if branch_dropout is not None else (0, 1.0)
+            out, saved, key = native.residual_forward(x, norm_w, norm_b, w1, b1, w2, b2, eps, activation, left,
+                                                      dtype == torch.bfloat16, *hidden, *branch,
+                                                      _keeps(x, w1, left, dtype))
+            ctx.save_for_backward(*saved)
+            ctx.args = activation, left, hidden[1], *branch, key, w1.dtype
+            return out
         n, d = x.shape[0], x.shape[-1]
         u, mean, rstd = kernels.layer_norm(x, norm_w, norm_b, eps, dtype or x.dtype)  # (N, B, D)
         u = u.view(n, -1) if left else u.view(-1, d)  # (N, B·D) for Eq. 1, (N·B, D) for Eq. 2
@@ -207,6 +235,8 @@ class _ResidualMlp(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout: Tensor):
+        if ctx.native:
+            return *node.ops().residual_backward(dout, list(ctx.saved_tensors), *ctx.args), None, None, None, None, None, None
         x, norm_w, mean, rstd, *saved = ctx.saved_tensors
         dout = dout.contiguous()
         dy = (dout.to(ctx.y_dtype) if ctx.branch is None

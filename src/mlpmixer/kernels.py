@@ -140,14 +140,20 @@ def _build_key(compiler: str) -> str:
 
 
 def _compile(cc: str, path: Path) -> None:
-    """Build into a temporary name beside ``path`` and rename it there: processes building at once
-    (torchrun) each write their own file, and a reader never sees half of one."""
+    build(path, lambda out: [cc, *FLAGS, "-o", out, str(SOURCE), *LIBS])
+
+
+def build(path: Path, command) -> None:
+    """Run ``command(out)`` (a compiler's argument list writing ``out``) into a temporary name beside
+    ``path`` and rename it there: processes building at once (torchrun) each write their own file, and a
+    reader never sees half of one."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), *LIBS], capture_output=True, text=True, timeout=300)
+        args = command(tmp)
+        done = subprocess.run(args, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
-            raise OSError(f"{cc} failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+            raise OSError(f"{args[0]} failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import allocator, checkpoints, distributed, kernels, runs
+from . import allocator, checkpoints, distributed, kernels, node, runs
 from .data.windows import step_seed
 from .distributed import resolve_device  # noqa: F401  (re-exported for callers)
 
@@ -422,7 +422,8 @@ def _fit(model: nn.Module, task: Task, config: TrainConfig, out: Path, ctx: dist
         checkpoints.save_weights(model, out / checkpoints.MODEL_FILE, step=start)  # repair a missing or cut model file
     loop = _Loop(model, task, config, ctx, opt, sched, out, quiet, tensorboard, log_sums)  # validates before any write
     environment = {**runs.environment(ctx.device, threads[0], ctx.world), "malloc": allocator.keep_freed_memory(),
-                   "dropout": kernels.status()}
+                   "dropout": kernels.status(),
+                   "residual_node": node.status() if ctx.device.type == "cpu" else f"not used on {ctx.device.type}"}
     if ctx.is_main:
         if not resume:
             out.mkdir(parents=True, exist_ok=True)
@@ -455,7 +456,8 @@ def summary(model: nn.Module, task: Task, config: TrainConfig, out: Path, enviro
         f"{config.optimizer} lr {config.lr:g}, warm-up {config.warmup}",
         f"  device {environment['device']}, {environment['threads']} thread(s) ({why}), world size "
         f"{environment['world_size']}, precision {config.precision}",
-        f"  {environment['malloc']}; CPU kernels (dropout masks, bf16 GELU, LayerNorm): {environment['dropout']}",
+        f"  {environment['malloc']}; CPU kernels (dropout masks, bf16 GELU, LayerNorm): {environment['dropout']}; "
+        f"residual node: {environment['residual_node']}",
         f"  run folder {out}"])
 
 

@@ -1,0 +1,245 @@
+// The residual-MLP node's forward and backward bodies (mlpmixer.fused._ResidualMlp) as two torch
+// operators, so a step spends no Python between the node's dozen operations (issue 17: at the MLM seed
+// configuration that Python was most of the node's fixed cost). Each body makes the same calls in the
+// same order as fused.py's Python bodies (the same ATen operators, the same compiled kernels of
+// kernels.c, the same draws from torch's generator), so the results are the same bit for bit; fused.py
+// keeps the Python bodies for where this library is not built, and the tests hold the two equal.
+// mlpmixer/node.py builds this file on first use and hands it the kernels' addresses (set_kernels).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+// the C kernels, in the order node.py passes their addresses (names as in kernels.c)
+enum Kernel {
+    LN_F32, LN_BF16, LN_BACKWARD_F32, LN_BACKWARD_BF16, DROPOUT_BIAS_F32, DROPOUT_BIAS_BF16,
+    DROPOUT_ADD_F32, DROPOUT_ADD_F32_BF16, DROPOUT_MUL_F32, DROPOUT_MUL_F32_BF16, GELU_BF16,
+    GELU_BACKWARD_BF16, GELU_BACKWARD_SUM_BF16, KERNELS
+};
+using LayerNormFn = void (*)(void *, float *, float *, const float *, const float *, const float *, int64_t,
+                             int64_t, float, int);
+using LayerNormBackwardFn = void (*)(float *, float *, float *, float *, const void *, const float *, const float *,
+                                     const float *, const float *, const float *, int64_t, int64_t, int);
+using DropoutBiasFn = void (*)(void *, const void *, int64_t, int64_t, int, uint64_t, uint32_t, float, int);
+using DropoutAddFn = void (*)(void *, const void *, const void *, int64_t, uint64_t, uint32_t, float, int);
+using DropoutMulFn = void (*)(void *, const void *, int64_t, uint64_t, uint32_t, float, int);
+using GeluFn = void (*)(void *, const void *, int64_t, const void *, int);
+using GeluBackwardFn = void (*)(void *, const void *, const void *, int64_t, const float *, int);
+using GeluBackwardSumFn = void (*)(void *, float *, float *, const void *, const void *, int64_t, int64_t, int,
+                                   const float *, int);
+
+std::vector<void *> kernels;  // filled by set_kernels
+Tensor gelu_value, gelu_slope;  // kernels.gelu_tables()
+constexpr int64_t CHUNK_ROWS = 64;  // kernels.c's CHUNK
+
+template <typename Fn>
+Fn kernel(Kernel k) {
+    TORCH_CHECK(static_cast<int64_t>(kernels.size()) == KERNELS, "mlpmixer: set_kernels was not called");
+    return reinterpret_cast<Fn>(kernels[k]);
+}
+
+int threads() { return at::get_num_threads(); }
+bool bf16(const Tensor &t) { return t.scalar_type() == at::kBFloat16; }
+
+// kernels.new_key: one 64-bit draw from torch's default generator
+uint64_t new_key() {
+    Tensor t = at::empty({}, at::kLong);
+    t.random_(std::numeric_limits<int64_t>::min(), std::optional<int64_t>(), std::optional<at::Generator>());
+    const int64_t v = t.item().toLong();
+    return static_cast<uint64_t>(v);
+}
+
+// a Python number as an operand: a 0-dim double tensor marked as a wrapped number, so `t * v` and
+// `t.mul_(v)` compute as Python's do (the Scalar overloads round v to t's dtype first under bfloat16)
+Tensor number(double v) {
+    Tensor t = at::scalar_tensor(v, at::kDouble);
+    t.unsafeGetTensorImpl()->set_wrapped_number(true);
+    return t;
+}
+
+// fused.dropped_value (float16 never reaches this node)
+float dropped_value() { return -1.0e9f; }
+
+// kernels.layer_norm
+std::tuple<Tensor, Tensor, Tensor> layer_norm(const Tensor &x, const Tensor &w, const Tensor &b, double eps,
+                                              at::ScalarType dtype) {
+    const int64_t d = x.size(-1), rows = x.numel() / d;
+    Tensor y = at::empty(x.sizes(), x.options().dtype(dtype));
+    Tensor mean = at::empty({rows}, x.options()), rstd = at::empty({rows}, x.options());
+    const Tensor wc = w.contiguous(), bc = b.contiguous();
+    kernel<LayerNormFn>(dtype == at::kBFloat16 ? LN_BF16 : LN_F32)(
+        y.data_ptr(), mean.data_ptr<float>(), rstd.data_ptr<float>(), x.data_ptr<float>(), wc.data_ptr<float>(),
+        bc.data_ptr<float>(), rows, d, static_cast<float>(eps), threads());
+    return {y, mean, rstd};
+}
+
+// kernels.layer_norm_backward, with the residual's gradient added
+std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(const Tensor &dy_, const Tensor &x, const Tensor &mean,
+                                                       const Tensor &rstd, const Tensor &w, const Tensor &residual) {
+    const int64_t d = x.size(-1), rows = x.numel() / d;
+    const Tensor dy = dy_.contiguous(), res = residual.contiguous(), wc = w.contiguous();
+    Tensor dx = at::empty(x.sizes(), x.options()), dw = at::empty({d}, x.options()), db = at::empty({d}, x.options());
+    Tensor part = at::empty({(rows + CHUNK_ROWS - 1) / CHUNK_ROWS, 2, d}, x.options());
+    kernel<LayerNormBackwardFn>(bf16(dy) ? LN_BACKWARD_BF16 : LN_BACKWARD_F32)(
+        dx.data_ptr<float>(), dw.data_ptr<float>(), db.data_ptr<float>(), part.data_ptr<float>(), dy.data_ptr(),
+        res.data_ptr<float>(), x.data_ptr<float>(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
+        wc.data_ptr<float>(), rows, d, threads());
+    return {dx, dw, db};
+}
+
+// fused.ACT_FORWARD, and fused._forward's bfloat16 GELU by table
+Tensor act_forward(const std::string &activation, const Tensor &h) {
+    if (activation == "gelu" && bf16(h)) {
+        const Tensor hc = h.contiguous();
+        Tensor out = at::empty_like(hc);
+        kernel<GeluFn>(GELU_BF16)(out.data_ptr(), hc.data_ptr(), hc.numel(), gelu_value.data_ptr(), threads());
+        return out;
+    }
+    if (activation == "gelu") return at::gelu(h);
+    if (activation == "gelu_tanh") return at::gelu(h, "tanh");
+    if (activation == "relu") return at::relu(h);
+    TORCH_CHECK(activation == "silu", "mlpmixer: unknown activation ", activation);
+    return at::silu(h);
+}
+
+// fused._backward_: σ'(h)·g written over g, and its sums over each row (left) or column
+std::tuple<Tensor, Tensor> act_backward_(const std::string &activation, Tensor g, const Tensor &h, bool left) {
+    if (activation == "gelu" && bf16(h) && g.is_contiguous()) {
+        const Tensor hc = h.contiguous();
+        if (g.size(1) % 16 == 0) {
+            const int64_t rows = g.size(0), cols = g.size(1);
+            Tensor sums = at::empty({left ? rows : cols}, h.options().dtype(at::kFloat));
+            Tensor part = at::empty({left ? 0 : (rows + CHUNK_ROWS - 1) / CHUNK_ROWS * cols}, sums.options());
+            kernel<GeluBackwardSumFn>(GELU_BACKWARD_SUM_BF16)(g.data_ptr(), sums.data_ptr<float>(),
+                                                             part.data_ptr<float>(), g.data_ptr(), hc.data_ptr(), rows,
+                                                             cols, left, gelu_slope.data_ptr<float>(), threads());
+            return {g, sums};
+        }
+        kernel<GeluBackwardFn>(GELU_BACKWARD_BF16)(g.data_ptr(), g.data_ptr(), hc.data_ptr(), hc.numel(),
+                                                   gelu_slope.data_ptr<float>(), threads());
+    } else if (activation == "gelu") {
+        at::gelu_backward_out(g, g, h);
+    } else if (activation == "gelu_tanh") {
+        at::gelu_backward_out(g, g, h, "tanh");
+    } else if (activation == "relu") {
+        at::threshold_backward_out(g, g, h, 0);
+    } else {
+        at::silu_backward_out(g, g, h);
+    }
+    return {g, g.sum(left ? 1 : 0)};
+}
+
+// fused._ResidualMlp.forward with fused._mlp_forward inside: x (N, B, D) float32. Returns the output,
+// the tensors backward needs (x, norm weight, mean, rstd, the MLP's input, W1, W2·scale, h[, σ(h)]) and
+// the branch dropout's key.
+std::tuple<Tensor, std::vector<Tensor>, int64_t> residual_forward(
+        const Tensor &x, const Tensor &norm_w, const Tensor &norm_b, const Tensor &w1_, const Tensor &b1_,
+        const Tensor &w2_, const Tensor &b2_, double eps, const std::string &activation, bool left, bool autocast_bf16,
+        int64_t hidden_threshold, double hidden_scale, int64_t branch_threshold, double branch_scale, bool keep) {
+    const int64_t n = x.size(0), d = x.size(-1);
+    const at::ScalarType dtype = autocast_bf16 ? at::kBFloat16 : x.scalar_type();
+    auto [u_, mean, rstd] = layer_norm(x, norm_w, norm_b, eps, dtype);
+    const Tensor u = left ? u_.view({n, -1}) : u_.view({-1, d});
+    // fused._cast: autocast's dtype for the products
+    const Tensor w1 = autocast_bf16 ? w1_.to(dtype) : w1_, b1 = autocast_bf16 ? b1_.to(dtype) : b1_;
+    const Tensor w2 = autocast_bf16 ? w2_.to(dtype) : w2_, b2 = autocast_bf16 ? b2_.to(dtype) : b2_;
+    double scale = 1.0;
+    Tensor h;
+    if (hidden_threshold == 0) {
+        h = left ? at::addmm(b1.unsqueeze(1), w1, u) : at::addmm(b1, u, w1.t());
+    } else {  // Dropout.biased: a fresh full-size bias with dropped units pushed to where σ is flat zero
+        scale = hidden_scale;
+        const Tensor bc = b1.contiguous();
+        const int64_t rows = left ? w1.size(0) : u.size(0), cols = left ? u.size(1) : w1.size(0);
+        h = at::empty({rows, cols}, bc.options());
+        const uint64_t key = new_key();
+        kernel<DropoutBiasFn>(bf16(bc) ? DROPOUT_BIAS_BF16 : DROPOUT_BIAS_F32)(
+            h.data_ptr(), bc.data_ptr(), rows, cols, left, key, static_cast<uint32_t>(hidden_threshold),
+            dropped_value(), threads());
+        if (left) h.addmm_(w1, u); else h.addmm_(u, w1.t());
+    }
+    const Tensor g = act_forward(activation, h);
+    const Tensor w2s = scale == 1.0 ? w2 : w2 * number(scale);
+    Tensor y = left ? at::addmm(b2.unsqueeze(1), w2s, g) : at::addmm(b2, g, w2s.t());
+    y = y.view(x.sizes());
+    Tensor out;
+    int64_t branch_key = 0;
+    if (branch_threshold == 0) {
+        out = x + y;
+    } else {  // kernels.dropout_add
+        const uint64_t key = new_key();
+        branch_key = static_cast<int64_t>(key);
+        const Tensor xc = x.contiguous(), yc = y.contiguous();
+        out = at::empty_like(xc);
+        kernel<DropoutAddFn>(bf16(yc) ? DROPOUT_ADD_F32_BF16 : DROPOUT_ADD_F32)(
+            out.data_ptr(), xc.data_ptr(), yc.data_ptr(), xc.numel(), key, static_cast<uint32_t>(branch_threshold),
+            static_cast<float>(branch_scale), threads());
+    }
+    std::vector<Tensor> saved{x, norm_w, mean, rstd, u, w1, w2s, h};
+    if (keep) saved.push_back(g);
+    return {out, saved, branch_key};
+}
+
+// fused._ResidualMlp.backward with fused._mlp_backward inside: the gradients of x, the norm's weight and
+// bias, W1, b1, W2 and b2, the last four in `grad_dtype` (the parameters' dtype)
+std::vector<Tensor> residual_backward(const Tensor &dout_, const std::vector<Tensor> &saved,
+                                      const std::string &activation, bool left, double hidden_scale,
+                                      int64_t branch_threshold, double branch_scale, int64_t branch_key,
+                                      at::ScalarType grad_dtype) {
+    const Tensor &x = saved[0], &norm_w = saved[1], &mean = saved[2], &rstd = saved[3];
+    const Tensor &u = saved[4], &w1 = saved[5], &w2s = saved[6], &h = saved[7];
+    const bool kept = saved.size() > 8;
+    const int64_t n = x.size(0), d = x.size(-1);
+    const Tensor dout = dout_.contiguous();
+    const at::ScalarType y_dtype = h.scalar_type();
+    Tensor dy;
+    if (branch_threshold == 0) {
+        dy = dout.to(y_dtype);
+    } else {  // kernels.dropout_mul: the branch's gradient, the forward mask made again from its key
+        dy = at::empty_like(dout, dout.options().dtype(y_dtype));
+        kernel<DropoutMulFn>(y_dtype == at::kBFloat16 ? DROPOUT_MUL_F32_BF16 : DROPOUT_MUL_F32)(
+            dy.data_ptr(), dout.data_ptr(), dout.numel(), static_cast<uint64_t>(branch_key),
+            static_cast<uint32_t>(branch_threshold), static_cast<float>(branch_scale), threads());
+    }
+    dy = left ? dy.view({n, -1}) : dy.view({-1, d});
+    const Tensor g = kept ? saved[8] : act_forward(activation, h);
+    Tensor dw2 = left ? at::mm(dy, g.t()) : at::mm(dy.t(), g);
+    if (hidden_scale != 1.0) dw2.mul_(number(hidden_scale));  // W2 entered as W2 · scale
+    Tensor buf = kept ? at::empty_like(g) : g;  // see fused._mlp_backward
+    if (left) at::mm_out(buf, w2s.t(), dy); else at::mm_out(buf, dy, w2s);
+    auto [dh, db1] = act_backward_(activation, buf, h, left);
+    const Tensor dw1 = left ? at::mm(dh, u.t()) : at::mm(dh.t(), u);
+    const Tensor du = left ? at::mm(w1.t(), dh) : at::mm(dh, w1);
+    const Tensor db2 = dy.sum(left ? 1 : 0);
+    auto [dx, dnorm_w, dnorm_b] = layer_norm_backward(du.view(x.sizes()), x, mean, rstd, norm_w, dout);
+    return {dx, dnorm_w, dnorm_b, dw1.to(grad_dtype), db1.to(grad_dtype), dw2.to(grad_dtype), db2.to(grad_dtype)};
+}
+
+void set_kernels(const std::vector<int64_t> &addresses, const Tensor &value, const Tensor &slope) {
+    TORCH_CHECK(static_cast<int64_t>(addresses.size()) == KERNELS, "mlpmixer: expected ", KERNELS, " kernels");
+    kernels.clear();
+    for (int64_t a : addresses) kernels.push_back(reinterpret_cast<void *>(a));
+    gelu_value = value.contiguous();
+    gelu_slope = slope.contiguous();
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mlpmixer, m) {
+    m.def("set_kernels(int[] addresses, Tensor gelu_value, Tensor gelu_slope) -> ()", &set_kernels);
+    m.def("residual_forward(Tensor x, Tensor norm_w, Tensor norm_b, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
+          "float eps, str activation, bool left, bool autocast_bf16, int hidden_threshold, float hidden_scale, "
+          "int branch_threshold, float branch_scale, bool keep) -> (Tensor, Tensor[], int)",
+          &residual_forward);
+    m.def("residual_backward(Tensor dout, Tensor[] saved, str activation, bool left, float hidden_scale, "
+          "int branch_threshold, float branch_scale, int branch_key, ScalarType grad_dtype) -> Tensor[]",
+          &residual_backward);
+}
