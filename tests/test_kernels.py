@@ -330,3 +330,28 @@ def test_the_vectorised_kernels_refuse_rows_that_are_not_whole_vectors():
         kernels.layer_norm(x, w, b, 1e-5)
     with pytest.raises(ValueError, match="multiple of 16"):
         kernels.gelu_backward_sum_bf16_(torch.zeros(3, 24, dtype=torch.bfloat16), torch.zeros(3, 24, dtype=torch.bfloat16), True)
+
+
+@compiled
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("d", [128, 24])  # 24: not whole 16-value rows, so torch's LayerNorm runs
+def test_the_kernels_layer_norm_module_equals_torchs(bf16, d):
+    from mlpmixer.layers import LayerNorm
+
+    torch.manual_seed(0)
+    ours, theirs = LayerNorm(d), torch.nn.LayerNorm(d)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(d)), ours.bias.copy_(torch.randn(d))
+    theirs.load_state_dict(ours.state_dict())  # the same parameters, under the same names
+    x = torch.randn(32, 8, d, requires_grad=True)
+    dy = torch.randn(32, 8, d)
+    results = []
+    for norm in (ours, theirs):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = norm(x)
+        assert y.dtype == torch.float32  # autocast runs LayerNorm in float32
+        (gx,) = torch.autograd.grad(y, x, dy, retain_graph=True)
+        gw, gb = torch.autograd.grad(y, (norm.weight, norm.bias), dy)
+        results.append((y, gx, gw, gb))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

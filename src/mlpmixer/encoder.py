@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .attention import RotaryEmbedding, SelfAttention
 from .errors import unknown_choice
-from .layers import ACTIVATIONS, MixerBlock, TokenMixer, TokenMixingMlp
+from .layers import ACTIVATIONS, LayerNorm, MixerBlock, TokenMixer, TokenMixingMlp
 from .mixers import FourierMixing, GatedMlpMixer
 
 TOKEN_MIXERS = ("mlp", "attention", "fourier", "gmlp")
@@ -120,7 +120,7 @@ class Encoder(nn.Module):
                        activation=config.activation, eps=1e-5)
             for _ in range(config.n_layers)
         )
-        self.norm = nn.LayerNorm(config.d_model)
+        self.norm = LayerNorm(config.d_model)  # the kernels' LayerNorm where they take the input
         if config.pos_embedding == "rotary":  # every block's attention rotates its q and k by position
             for block in self.blocks:
                 block.mlp_tokens.rotary = RotaryEmbedding(config.d_model // config.n_heads, config.seq_len)

@@ -291,6 +291,16 @@ class DropPath(nn.Module):
         return x * keep / (1.0 - self.p)
 
 
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (the same parameters and state dict) over one axis, computed by `fused.layer_norm`:
+    the compiled kernels where they take the input, else torch's."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.weight is None or self.bias is None or len(self.normalized_shape) != 1:
+            return super().forward(x)
+        return fused.layer_norm(x, self.weight, self.bias, self.eps)
+
+
 class MixerBlock(nn.Module):
     """Pre-norm block: ``x + drop(mixer(LN(x)))`` then ``x + drop(MLP(LN(x)))``.
 
