@@ -105,3 +105,18 @@ def test_without_the_cpp_node_the_python_bodies_run(tmp_path):
     assert broken.returncode == 0 and broken.stdout.startswith("Python (the C++ node could not be built"), broken.stdout
     assert "building the C++ residual node" in broken.stderr
     assert sorted(p.name for p in (tmp_path / "c2").iterdir() if p.name.startswith(".node")) == []  # no temporary left
+
+
+@built
+def test_inputs_the_operators_do_not_take_go_through_the_python_bodies():
+    """A direct call with an x that `fused.fusable` refuses (here not contiguous) must not reach the C++
+    operators, which read x's memory as contiguous: its result is the Python bodies'."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 32, 32).transpose(0, 1)  # (N, B, D) = (32, 4, 32), not contiguous
+    assert not fused.fusable(x)
+    w = (torch.ones(32), torch.zeros(32), 1e-5)
+    w1, b1, w2, b2 = 0.2 * torch.randn(64, 32), torch.zeros(64), 0.2 * torch.randn(32, 64), torch.zeros(32)
+    with torch.profiler.profile() as prof:
+        got = fused.residual_mlp(x, w, w1, b1, w2, b2, "gelu", True)
+    assert "mlpmixer::residual_forward" not in {e.key for e in prof.key_averages()}
+    torch.testing.assert_close(got, fused.residual_mlp(x.contiguous(), w, w1, b1, w2, b2, "gelu", True))

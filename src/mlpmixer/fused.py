@@ -205,8 +205,10 @@ class _ResidualMlp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, norm_w: Tensor, norm_b: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
                 eps: float, activation: str, left: bool, dropout, branch_dropout, dtype: torch.dtype | None) -> Tensor:
-        # torch.compile traces the Python bodies (the operators have no fake-tensor form)
-        native = node.ops() if w1.dtype == b1.dtype == w2.dtype == b2.dtype and not _compiling() else None
+        # the operators take what `fusable` takes, with float32 or bfloat16 weights of one dtype; torch.compile
+        # traces the Python bodies (the operators have no fake-tensor form)
+        native = (node.ops() if fusable(x) and w1.dtype in (torch.float32, torch.bfloat16)
+                  and w1.dtype == b1.dtype == w2.dtype == b2.dtype and not _compiling() else None)
         ctx.native = native is not None
         if native is not None:
             hidden = (dropout.threshold, dropout.scale) if dropout is not None else (0, 1.0)
@@ -254,7 +256,9 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     of 16 values, float32 weight and bias), else torch's. Float32 out under autocast too, as torch's.
     The same arithmetic as torch's two-pass LayerNorm, equal to float32 rounding (tests/test_kernels.py),
     at a fraction of its time (issue 17: at the MLM seed configuration, 1 thread, torch's took 0.6 ms
-    forward and 0.6 ms backward per call, the kernels about 0.06 and 0.09)."""
+    forward and 0.6 ms backward per call, the kernels about 0.06 and 0.09). Like the residual node, its
+    backward is not itself differentiable (no gradients of gradients); ``MLPMIXER_KERNELS=0`` gives
+    torch's LayerNorm everywhere."""
     if (x.dtype == torch.float32 and x.dim() >= 2 and x.shape[-1] % 16 == 0 and x.is_contiguous()
             and weight.dtype == bias.dtype == torch.float32 and kernels.supports(x)):
         with torch.autocast(x.device.type, enabled=False):

@@ -249,13 +249,13 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
     (float32 or bfloat16); also each row's mean and 1/√(var + eps), for `layer_norm_backward`."""
     d = x.shape[-1]
     _need_multiple_of_16("layer_norm", d)
-    x = x.contiguous()
+    x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()  # held while the kernel runs
     rows = x.numel() // d
     y = torch.empty(x.shape, dtype=dtype)
     mean, rstd = torch.empty(rows), torch.empty(rows)
     getattr(_need(), f"mlpmixer_layer_norm_{DTYPES[dtype]}")(
-        y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), x.data_ptr(), weight.contiguous().data_ptr(),
-        bias.contiguous().data_ptr(), rows, d, eps, torch.get_num_threads())
+        y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), x.data_ptr(), weight.data_ptr(), bias.data_ptr(), rows, d,
+        eps, torch.get_num_threads())
     return y, mean, rstd
 
 
@@ -267,13 +267,14 @@ def layer_norm_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weigh
     d = x.shape[-1]
     _need_multiple_of_16("layer_norm_backward", d)
     rows = x.numel() // d
-    dy, x = dy.contiguous(), x.contiguous()
+    dy, x, weight = dy.contiguous(), x.contiguous(), weight.contiguous()  # held while the kernel runs
+    residual = residual.contiguous() if residual is not None else None
     dx, dw, db = torch.empty(x.shape), torch.empty(d), torch.empty(d)
     part = torch.empty(-(-rows // CHUNK_ROWS), 2, d)  # per-chunk sums of the weight and bias gradients
-    res = residual.contiguous().data_ptr() if residual is not None else None
     getattr(_need(), f"mlpmixer_layer_norm_backward_{DTYPES[dy.dtype]}")(
-        dx.data_ptr(), dw.data_ptr(), db.data_ptr(), part.data_ptr(), dy.data_ptr(), res, x.data_ptr(),
-        mean.data_ptr(), rstd.data_ptr(), weight.contiguous().data_ptr(), rows, d, torch.get_num_threads())
+        dx.data_ptr(), dw.data_ptr(), db.data_ptr(), part.data_ptr(), dy.data_ptr(),
+        residual.data_ptr() if residual is not None else None, x.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+        weight.data_ptr(), rows, d, torch.get_num_threads())
     return dx, dw, db
 
 

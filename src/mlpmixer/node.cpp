@@ -72,6 +72,8 @@ float dropped_value() { return -1.0e9f; }
 std::tuple<Tensor, Tensor, Tensor> layer_norm(const Tensor &x, const Tensor &w, const Tensor &b, double eps,
                                               at::ScalarType dtype) {
     const int64_t d = x.size(-1), rows = x.numel() / d;
+    TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat && d % 16 == 0,
+                "mlpmixer: the node takes a contiguous float32 x whose last axis is a multiple of 16 (fused.fusable)");
     Tensor y = at::empty(x.sizes(), x.options().dtype(dtype));
     Tensor mean = at::empty({rows}, x.options()), rstd = at::empty({rows}, x.options());
     const Tensor wc = w.contiguous(), bc = b.contiguous();

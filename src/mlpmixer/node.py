@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -72,15 +73,24 @@ def _load():
         print("mlpmixer: building the C++ residual node for this torch (once per machine, about 15 s)",
               file=sys.stderr, flush=True)
         kernels.build(path, lambda out: [cxx, *FLAGS, *_torch_flags(), "-o", out, str(SOURCE), *_torch_libs()])
-    try:
-        torch.ops.load_library(str(path))
-    except OSError:  # our own cached build, unreadable (cut short, another torch): build it again, once
-        path.unlink(missing_ok=True)
-        kernels.build(path, lambda out: [cxx, *FLAGS, *_torch_flags(), "-o", out, str(SOURCE), *_torch_libs()])
-        torch.ops.load_library(str(path))
+    if not _registered():  # a second library registering the same operators would abort the process
+        try:
+            torch.ops.load_library(str(path))
+        except OSError:  # our own cached build, unreadable (cut short, another torch): build it again, once
+            path.unlink(missing_ok=True)
+            kernels.build(path, lambda out: [cxx, *FLAGS, *_torch_flags(), "-o", out, str(SOURCE), *_torch_libs()])
+            torch.ops.load_library(str(path))
     addresses = [ctypes.cast(getattr(lib, f"mlpmixer_{name}"), ctypes.c_void_p).value for name in KERNELS]
     torch.ops.mlpmixer.set_kernels(addresses, *kernels.gelu_tables())
     return torch.ops.mlpmixer, f"C++ ({compiler})"
+
+
+def _registered() -> bool:
+    """Whether this process already holds the operators (a library loaded earlier)."""
+    try:
+        return hasattr(torch.ops.mlpmixer, "residual_forward")
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _torch_root() -> Path:
@@ -99,7 +109,9 @@ def _torch_libs() -> list[str]:
 
 
 def _build_key(compiler: str) -> str:
-    """Source, compiler, flags and the torch it is built against (its version and where it lives)."""
-    parts = (SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode(), torch.__version__.encode(),
+    """Source, compiler, flags, the processor architecture and the torch it is built against (its version
+    and where it lives)."""
+    parts = (SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode(), platform.machine().encode(),
+             torch.__version__.encode(),
              str(_torch_root()).encode(), str(torch._C._GLIBCXX_USE_CXX11_ABI).encode())
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
