@@ -29,10 +29,8 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from . import common, vision
+from . import vision
 
 PEAK_N = 8192
 
@@ -72,31 +70,13 @@ def peak_step(n: int = PEAK_N, device: str = "cuda"):
 
 
 def model_step(contender: str, name: str, batch: int, train: bool, compiled: bool, device: str = "cuda"):
-    """A closure running one bf16-autocast training step (or a forward pass) on a fixed batch."""
-    torch.manual_seed(0)
-    model: nn.Module = vision.build(contender, name).to(device)
-    model.train(train)
-    run = torch.compile(model) if compiled else model
+    """A closure running one bf16-autocast training step (or a forward pass) on a fixed batch on ``device``:
+    `benchmarks.vision.model_step`, the CPU tables' step."""
+    step = vision.model_step(contender, name, train, torch.bfloat16, device=device, compiled=compiled)
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(batch, 3, 224, 224, device=device, generator=g)
     y = torch.randint(0, 1000, (batch,), device=device, generator=g)
-    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-    if not train:
-        def infer() -> None:
-            with torch.inference_mode(), autocast:
-                run(x)
-        return infer
-    opt = common.adamw(model.parameters())
-
-    def step() -> None:
-        with autocast:
-            loss = F.cross_entropy(run(x).float(), y)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+    return lambda: step(x, y)
 
 
 def _child(args: argparse.Namespace) -> None:

@@ -81,19 +81,21 @@ def images(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def model_step(contender: str, name: str, train: bool, dtype: torch.dtype | None = None,
-               grad_checkpointing: bool = False):
-    """``step(x, y)``: one training step (or a forward pass) of a fresh model on any batch."""
+               grad_checkpointing: bool = False, device: str = "cpu", compiled: bool = False):
+    """``step(x, y)``: one training step (or a forward pass) of a fresh model on any batch, on ``device``
+    (``x`` and ``y`` there too), under ``torch.compile`` when ``compiled``."""
     torch.manual_seed(0)
-    model = build(contender, name)
+    model = build(contender, name).to(device)
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
-    autocast = torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+    run = torch.compile(model) if compiled else model
+    autocast = torch.autocast(torch.device(device).type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
     if not train:
         model.eval()
 
         def infer(x: torch.Tensor, y: torch.Tensor) -> None:
             with torch.inference_mode(), autocast:
-                model(x)
+                run(x)
 
         return infer
     model.train()
@@ -101,7 +103,7 @@ def model_step(contender: str, name: str, train: bool, dtype: torch.dtype | None
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         with autocast:
-            loss = F.cross_entropy(model(x).float(), y)
+            loss = F.cross_entropy(run(x).float(), y)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,6 +45,20 @@ sufferance is a gain to them.
 
 TRAIN_ARGS = ["--steps", "20", "--seq-len", "16", "--d-model", "32", "--n-layers", "1", "--d-ff", "32",
               "--tokens-mlp-dim", "16", "--batch-size", "8", "--eval-every", "10", "--log-every", "5", "--quiet"]
+
+
+def run_python(code: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    """``python -c code`` in a fresh interpreter, with ``env`` added to this environment."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **env})
+
+
+def broken_compiler(path: Path) -> Path:
+    """An executable at ``path`` that answers ``--version`` like a compiler and fails every build."""
+    name = path.name
+    path.write_text(f"#!/bin/sh\n[ \"$1\" = --version ] && echo {name} 1.0 && exit 0\necho '{name}: error: broken' >&2\nexit 1\n")
+    path.chmod(0o755)
+    return path
 
 
 def pytest_configure(config):

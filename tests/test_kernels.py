@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from conftest import broken_compiler, run_python
 from mlpmixer import kernels
 from mlpmixer.layers import Dropout
 
@@ -142,48 +140,41 @@ def test_float64_uses_the_torch_path_with_the_same_distribution():
     assert set(y.unique().tolist()) == {0.0, drop.scale}
 
 
-def _python(code: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **env})
-
-
 STATUS = "from mlpmixer import kernels; print(kernels.status())"
 
 
 def test_disabled_or_unbuildable_kernels_fall_back_to_torch(tmp_path):
-    off = _python(STATUS, MLPMIXER_KERNELS="0")
+    off = run_python(STATUS, MLPMIXER_KERNELS="0")
     assert off.returncode == 0 and off.stdout.strip() == "torch (MLPMIXER_KERNELS=0)"
-    none = _python(STATUS, CC=str(tmp_path / "no-such-cc"), MLPMIXER_CACHE_DIR=str(tmp_path / "c1"), MLPMIXER_KERNELS="1")
+    none = run_python(STATUS, CC=str(tmp_path / "no-such-cc"), MLPMIXER_CACHE_DIR=str(tmp_path / "c1"), MLPMIXER_KERNELS="1")
     assert none.returncode == 0 and none.stdout.startswith("torch (no C compiler")
-    bad_cc = tmp_path / "bad-cc"
-    bad_cc.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo bad-cc 1.0 && exit 0\necho 'bad-cc: error: broken' >&2\nexit 1\n")
-    bad_cc.chmod(0o755)
-    bad = _python(STATUS, CC=str(bad_cc), MLPMIXER_CACHE_DIR=str(tmp_path / "c2"), MLPMIXER_KERNELS="1")
+    bad_cc = broken_compiler(tmp_path / "bad-cc")
+    bad = run_python(STATUS, CC=str(bad_cc), MLPMIXER_CACHE_DIR=str(tmp_path / "c2"), MLPMIXER_KERNELS="1")
     assert bad.returncode == 0 and bad.stdout.startswith("torch (the kernels could not be built"), bad.stdout
     assert not list((tmp_path / "c2").iterdir())  # no temporary file left behind
     step = ("import torch; from mlpmixer.layers import Dropout; torch.manual_seed(0); "
             "print(float(Dropout(0.1).train().add_to(torch.zeros(4096), torch.ones(4096)).sum()))")
-    assert _python(step, MLPMIXER_KERNELS="0").returncode == 0
+    assert run_python(step, MLPMIXER_KERNELS="0").returncode == 0
 
 
 @compiled
 def test_the_build_is_cached_per_source_and_machine(tmp_path):
-    first = _python(STATUS, MLPMIXER_CACHE_DIR=str(tmp_path))
+    first = run_python(STATUS, MLPMIXER_CACHE_DIR=str(tmp_path))
     assert first.returncode == 0 and first.stdout.startswith("compiled kernels"), first.stdout + first.stderr
     built = list(tmp_path.glob("kernels-*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
-    again = _python(STATUS, MLPMIXER_CACHE_DIR=str(tmp_path))
+    again = run_python(STATUS, MLPMIXER_CACHE_DIR=str(tmp_path))
     assert again.stdout == first.stdout and built[0].stat().st_mtime_ns == stamp
     assert sorted(p.name for p in tmp_path.iterdir()) == [built[0].name]
 
 
 @compiled
 def test_a_damaged_cached_build_is_built_again(tmp_path):
-    assert _python(STATUS, MLPMIXER_CACHE_DIR=str(tmp_path)).stdout.startswith("compiled kernels")
+    assert run_python(STATUS, MLPMIXER_CACHE_DIR=str(tmp_path)).stdout.startswith("compiled kernels")
     (built,) = tmp_path.glob("kernels-*.so")
     built.write_bytes(b"not a shared library")
-    again = _python(STATUS, MLPMIXER_CACHE_DIR=str(tmp_path))
+    again = run_python(STATUS, MLPMIXER_CACHE_DIR=str(tmp_path))
     assert again.returncode == 0 and again.stdout.startswith("compiled kernels"), again.stdout + again.stderr
     assert built.read_bytes()[:4] == b"\x7fELF"
 

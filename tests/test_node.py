@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from conftest import broken_compiler, run_python
 from mlpmixer import allocator, fused, kernels, node
 from mlpmixer.layers import Dropout
 
@@ -81,27 +79,20 @@ def test_the_cpp_node_is_what_the_model_runs_and_it_learns():
     assert sum(losses[-5:]) < sum(losses[:5])
 
 
-def _python(code: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **env})
-
-
 STATUS = "from mlpmixer import node; print(node.status())"
 
 
 def test_without_the_cpp_node_the_python_bodies_run(tmp_path):
-    off = _python(STATUS, MLPMIXER_NODE="0")
+    off = run_python(STATUS, MLPMIXER_NODE="0", timeout=300)
     assert off.returncode == 0 and off.stdout.strip() == "Python (MLPMIXER_NODE=0)"
-    no_kernels = _python(STATUS, MLPMIXER_KERNELS="0")
+    no_kernels = run_python(STATUS, MLPMIXER_KERNELS="0", timeout=300)
     assert no_kernels.stdout.strip() == "Python (the compiled kernels are not available)"
     if kernels.library() is None:
         return
-    none = _python(STATUS, CXX=str(tmp_path / "no-such-cxx"), MLPMIXER_CACHE_DIR=str(tmp_path / "c1"))
+    none = run_python(STATUS, CXX=str(tmp_path / "no-such-cxx"), MLPMIXER_CACHE_DIR=str(tmp_path / "c1"), timeout=300)
     assert none.returncode == 0 and none.stdout.startswith("Python (no C++ compiler"), none.stdout + none.stderr
-    bad = tmp_path / "bad-cxx"
-    bad.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo bad-cxx 1.0 && exit 0\necho 'bad-cxx: error: broken' >&2\nexit 1\n")
-    bad.chmod(0o755)
-    broken = _python(STATUS, CXX=str(bad), MLPMIXER_CACHE_DIR=str(tmp_path / "c2"))
+    bad = broken_compiler(tmp_path / "bad-cxx")
+    broken = run_python(STATUS, CXX=str(bad), MLPMIXER_CACHE_DIR=str(tmp_path / "c2"), timeout=300)
     assert broken.returncode == 0 and broken.stdout.startswith("Python (the C++ node could not be built"), broken.stdout
     assert "building the C++ residual node" in broken.stderr
     assert sorted(p.name for p in (tmp_path / "c2").iterdir() if p.name.startswith(".node")) == []  # no temporary left

@@ -119,7 +119,7 @@ def _mlp_forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     g = _forward(activation, h)
     w2s = w2 if scale == 1.0 else w2 * scale
     y = torch.addmm(b2[:, None], w2s, g) if left else torch.addmm(b2, g, w2s.t())
-    keep = allocator.keeping() and g.numel() * g.element_size() <= KEEP_ACTIVATION_BYTES
+    keep = _keeps_bytes(g.numel() * g.element_size())
     ctx.activation, ctx.left, ctx.scale = activation, left, scale
     return y, (x, w1, w2s, h, *((g,) if keep else ()))
 
@@ -193,9 +193,14 @@ def _compiling() -> bool:
 
 
 def _keeps(x: Tensor, w1: Tensor, left: bool, dtype: torch.dtype | None) -> bool:
-    """Whether `_mlp_forward` keeps σ(h) for this branch (it decides the same from σ(h) itself)."""
+    """Whether `_mlp_forward` would keep σ(h) for this branch, from the shapes, before σ(h) exists."""
     hidden = w1.shape[0] * x.numel() // (x.shape[0] if left else x.shape[-1])
-    return allocator.keeping() and hidden * (dtype or x.dtype).itemsize <= KEEP_ACTIVATION_BYTES
+    return _keeps_bytes(hidden * (dtype or x.dtype).itemsize)
+
+
+def _keeps_bytes(size: int) -> bool:
+    """Whether a σ(h) of ``size`` bytes is kept for backward (see the module docstring)."""
+    return allocator.keeping() and size <= KEEP_ACTIVATION_BYTES
 
 
 class _ResidualMlp(torch.autograd.Function):

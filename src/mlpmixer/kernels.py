@@ -96,25 +96,19 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, "torch (MLPMIXER_KERNELS=0)"
     if sys.byteorder != "little" or platform.system() != "Linux":
         return None, f"torch (the kernels are built on little-endian Linux only, not {platform.system()})"
-    cc = shutil.which(os.environ.get("CC", "cc"))
-    if cc is None:
+    found = find_compiler(os.environ.get("CC", "cc"))
+    if found is None:
         return None, "torch (no C compiler: install gcc for mlpmixer's compiled dropout kernels)"
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()
-    compiler = version[0] if version else cc
-    path = _cache_dir() / f"kernels-{_build_key(compiler)}.so"
-    if not path.exists():
-        _compile(cc, path)
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError:  # our own cached build, unreadable (cut short, another machine's): build it again, once
-        path.unlink(missing_ok=True)
-        _compile(cc, path)
-        lib = ctypes.CDLL(str(path))
+    cc, compiler = found
+    lib = load_cached(cache_dir() / f"kernels-{_build_key(compiler)}.so",
+                      lambda out: [cc, *FLAGS, "-o", out, str(SOURCE), *LIBS], lambda path: ctypes.CDLL(str(path)))
     _declare(lib)
     return lib, f"compiled kernels ({compiler}, {' '.join(FLAGS[:2])})"
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """Where the compiled builds live (`kernels.c`'s, `node.cpp`'s): the first writable of
+    ``$MLPMIXER_CACHE_DIR`` (else ``$XDG_CACHE_HOME/mlpmixer``, else ``~/.cache/mlpmixer``) and a per-user temporary folder."""
     base = os.environ.get("MLPMIXER_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mlpmixer")
     for d in (Path(base), Path(tempfile.gettempdir()) / f"mlpmixer-{os.getuid()}"):
@@ -139,8 +133,27 @@ def _build_key(compiler: str) -> str:
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 
-def _compile(cc: str, path: Path) -> None:
-    build(path, lambda out: [cc, *FLAGS, "-o", out, str(SOURCE), *LIBS])
+def find_compiler(tool: str) -> tuple[str, str] | None:
+    """The compiler ``tool`` names (a command on the PATH, or a path): its path and the first line of its
+    ``--version``, or None where there is none."""
+    path = shutil.which(tool)
+    if path is None:
+        return None
+    version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()
+    return path, version[0] if version else path
+
+
+def load_cached(path: Path, command, load):
+    """``load(path)``: our cached build at ``path``, made first (`build`, ``command``) where it is missing;
+    one that does not load (cut short, another machine's) is built again, once."""
+    if not path.exists():
+        build(path, command)
+    try:
+        return load(path)
+    except OSError:
+        path.unlink(missing_ok=True)
+        build(path, command)
+        return load(path)
 
 
 def build(path: Path, command) -> None:

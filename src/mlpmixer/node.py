@@ -20,7 +20,6 @@ import ctypes
 import hashlib
 import os
 import platform
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,23 +62,17 @@ def _load():
     lib = kernels.library()
     if lib is None:
         return None, "Python (the compiled kernels are not available)"
-    cxx = shutil.which(os.environ.get("CXX", "c++"))
-    if cxx is None:
+    found = kernels.find_compiler(os.environ.get("CXX", "c++"))
+    if found is None:
         return None, "Python (no C++ compiler: install g++ for the C++ node)"
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()
-    compiler = version[0] if version else cxx
-    path = kernels._cache_dir() / f"node-{_build_key(compiler)}.so"
-    if not path.exists():
-        print("mlpmixer: building the C++ residual node for this torch (once per machine, about 15 s)",
-              file=sys.stderr, flush=True)
-        kernels.build(path, lambda out: [cxx, *FLAGS, *_torch_flags(), "-o", out, str(SOURCE), *_torch_libs()])
+    cxx, compiler = found
     if not _registered():  # a second library registering the same operators would abort the process
-        try:
-            torch.ops.load_library(str(path))
-        except OSError:  # our own cached build, unreadable (cut short, another torch): build it again, once
-            path.unlink(missing_ok=True)
-            kernels.build(path, lambda out: [cxx, *FLAGS, *_torch_flags(), "-o", out, str(SOURCE), *_torch_libs()])
-            torch.ops.load_library(str(path))
+        path = kernels.cache_dir() / f"node-{_build_key(compiler)}.so"
+        if not path.exists():
+            print("mlpmixer: building the C++ residual node for this torch (once per machine, about 15 s)",
+                  file=sys.stderr, flush=True)
+        kernels.load_cached(path, lambda out: [cxx, *FLAGS, *_torch_flags(), "-o", out, str(SOURCE), *_torch_libs()],
+                            lambda built: torch.ops.load_library(str(built)))
     addresses = [ctypes.cast(getattr(lib, f"mlpmixer_{name}"), ctypes.c_void_p).value for name in KERNELS]
     torch.ops.mlpmixer.set_kernels(addresses, *kernels.gelu_tables())
     return torch.ops.mlpmixer, f"C++ ({compiler})"
