@@ -206,15 +206,18 @@ def test_non_finite_loss_stops_the_run(tmp_path):
 def test_gradients_are_clipped(tmp_path, monkeypatch):
     from mlpmixer.train import fit
 
-    norms = []
-    real = torch.optim.AdamW.step
+    from mlpmixer import optim
 
-    def spy(self, *args, **kwargs):  # the gradients the optimiser steps with
+    norms = []
+    real = optim.AdamW.step
+
+    def spy(self, *args, **kwargs):  # the gradients the optimiser stepped with (it leaves them in .grad)
+        out = real(self, *args, **kwargs)
         norms.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for g in self.param_groups
                                                                  for p in g["params"]]))))
-        return real(self, *args, **kwargs)
+        return out
 
-    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    monkeypatch.setattr(optim.AdamW, "step", spy)
 
     class Finite(NaNTask):
         def loss(self, model, batch, generator):

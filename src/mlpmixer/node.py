@@ -5,9 +5,10 @@ autograd node. Its bodies are a dozen operations each; called from Python, their
 than the operations themselves at small sizes (issue 17: about 0.5 ms per node and step at the MLM seed
 configuration). `node.cpp` makes the same calls in the same order from C++: the same ATen operators, the
 same compiled kernels (`kernels`, whose addresses it is handed) and the same draws from torch's
-generator, so its results equal the Python bodies' bit for bit (tests/test_node.py).
+generator, so its results equal the Python bodies' bit for bit (tests/test_node.py). The same library
+holds the optimiser's step (`optim.cpp`, for `optim.AdamW`).
 
-Built on first use with the system's C++ compiler against the running torch's headers (about 15
+Built on first use with the system's C++ compiler against the running torch's headers (about 20
 seconds, once per machine and torch version, into the same cache as `kernels`), and loaded with
 ``torch.ops.load_library``. Where it cannot be built (no C++ compiler, no compiled kernels, or
 ``MLPMIXER_NODE=0``), `fused` keeps its Python bodies: the same results, slower steps. `status` says
@@ -28,7 +29,7 @@ import torch
 
 from . import kernels
 
-SOURCE = Path(__file__).with_name("node.cpp")
+SOURCES = (Path(__file__).with_name("node.cpp"), Path(__file__).with_name("optim.cpp"))  # one library
 FLAGS = ("-O2", "-std=c++17", "-fPIC", "-shared", "-w")
 KERNELS = ("layer_norm_f32", "layer_norm_bf16", "layer_norm_backward_f32", "layer_norm_backward_bf16",
            "dropout_bias_f32", "dropout_bias_bf16", "dropout_add_f32", "dropout_add_f32_bf16", "dropout_mul_f32",
@@ -69,9 +70,10 @@ def _load():
     if not _registered():  # a second library registering the same operators would abort the process
         path = kernels.cache_dir() / f"node-{_build_key(compiler)}.so"
         if not path.exists():
-            print("mlpmixer: building the C++ residual node for this torch (once per machine, about 15 s)",
-                  file=sys.stderr, flush=True)
-        kernels.load_cached(path, lambda out: [cxx, *FLAGS, *_torch_flags(), "-o", out, str(SOURCE), *_torch_libs()],
+            print("mlpmixer: building the C++ residual node and optimiser step for this torch (once per machine, "
+                  "about 20 s)", file=sys.stderr, flush=True)
+        kernels.load_cached(path, lambda out: [cxx, *FLAGS, *_torch_flags(), "-o", out, *map(str, SOURCES),
+                                               *_torch_libs()],
                             lambda built: torch.ops.load_library(str(built)))
     addresses = [ctypes.cast(getattr(lib, f"mlpmixer_{name}"), ctypes.c_void_p).value for name in KERNELS]
     torch.ops.mlpmixer.set_kernels(addresses, *kernels.gelu_tables())
@@ -104,7 +106,7 @@ def _torch_libs() -> list[str]:
 def _build_key(compiler: str) -> str:
     """Source, compiler, flags, the processor architecture and the torch it is built against (its version
     and where it lives)."""
-    parts = (SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode(), platform.machine().encode(),
+    parts = (*(source.read_bytes() for source in SOURCES), compiler.encode(), " ".join(FLAGS).encode(), platform.machine().encode(),
              torch.__version__.encode(),
              str(_torch_root()).encode(), str(torch._C._GLIBCXX_USE_CXX11_ABI).encode())
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
