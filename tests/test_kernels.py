@@ -315,12 +315,36 @@ def test_gelu_backward_with_the_bias_gradient_in_the_same_pass(shape, per_row):
 
 
 @compiled
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape, per_row", [((32, 4096), True), ((1000, 48), False), ((130, 2064), False)])
+@pytest.mark.parametrize("threshold", [6554, 0])
+def test_dropout_mul_with_the_bias_gradient_in_the_same_pass(dtype, shape, per_row, threshold):
+    """The branch's gradient is `dropout_mul`'s bit for bit (the same mask from the same key; none at
+    threshold 0), and the sums are the float32 sums of it as rounded, whatever the thread count."""
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    key, scale = 0x1234_5678_9ABC_DEF0 - (1 << 63), 1 / 0.9
+    got, sums = kernels.dropout_mul_sum(t, *shape, per_row, key, threshold, scale, dtype)
+    want = kernels.dropout_mul(t, key, threshold, scale, dtype=dtype) if threshold else (t * scale).to(dtype)
+    assert torch.equal(got, want) and sums.dtype == torch.float32
+    torch.testing.assert_close(sums, want.double().sum(1 if per_row else 0).float(), rtol=1e-5, atol=1e-4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2 if threads == 1 else 1)
+        again = kernels.dropout_mul_sum(t, *shape, per_row, key, threshold, scale, dtype)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(again[0], got) and torch.equal(again[1], sums)
+
+
+@compiled
 def test_the_vectorised_kernels_refuse_rows_that_are_not_whole_vectors():
     x, w, b = _layer_norm_case(4, 24)
     with pytest.raises(ValueError, match="multiple of 16"):
         kernels.layer_norm(x, w, b, 1e-5)
     with pytest.raises(ValueError, match="multiple of 16"):
         kernels.gelu_backward_sum_bf16_(torch.zeros(3, 24, dtype=torch.bfloat16), torch.zeros(3, 24, dtype=torch.bfloat16), True)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        kernels.dropout_mul_sum(torch.zeros(3, 24), 3, 24, True, 0, 0, 1.0, torch.bfloat16)
 
 
 @compiled

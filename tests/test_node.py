@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
@@ -74,8 +75,8 @@ def test_the_cpp_node_is_what_the_model_runs_and_it_learns():
             opt.zero_grad()
             losses.append(loss.item())
     calls = {e.key: e.count for e in prof.key_averages()}
-    assert calls.get("mlpmixer::residual_forward") == 20 * 2 * 2  # 2 layers × (token + channel branch) per step
-    assert calls.get("mlpmixer::residual_backward") == 20 * 2 * 2
+    assert calls.get("mlpmixer::residual_mlp") == 20 * 2 * 2  # 2 layers × (token + channel branch) per step
+    assert calls.get("torch::autograd::CppNode<(anonymous namespace)::ResidualMlp>") == 20 * 2 * 2  # backward
     assert sum(losses[-5:]) < sum(losses[:5])
 
 
@@ -101,7 +102,7 @@ def test_without_the_cpp_node_the_python_bodies_run(tmp_path):
 @built
 def test_inputs_the_operators_do_not_take_go_through_the_python_bodies():
     """A direct call with an x that `fused.fusable` refuses (here not contiguous) must not reach the C++
-    operators, which read x's memory as contiguous: its result is the Python bodies'."""
+    operator, which reads x's memory as contiguous: its result is the Python bodies'."""
     torch.manual_seed(0)
     x = torch.randn(4, 32, 32).transpose(0, 1)  # (N, B, D) = (32, 4, 32), not contiguous
     assert not fused.fusable(x)
@@ -109,5 +110,38 @@ def test_inputs_the_operators_do_not_take_go_through_the_python_bodies():
     w1, b1, w2, b2 = 0.2 * torch.randn(64, 32), torch.zeros(64), 0.2 * torch.randn(32, 64), torch.zeros(32)
     with torch.profiler.profile() as prof:
         got = fused.residual_mlp(x, w, w1, b1, w2, b2, "gelu", True)
-    assert "mlpmixer::residual_forward" not in {e.key for e in prof.key_averages()}
+    assert "mlpmixer::residual_mlp" not in {e.key for e in prof.key_averages()}
     torch.testing.assert_close(got, fused.residual_mlp(x.contiguous(), w, w1, b1, w2, b2, "gelu", True))
+
+
+@built
+@pytest.mark.parametrize("bf16", [True, False])
+def test_the_node_under_no_grad_and_inference_mode_gives_the_training_forward(bf16):
+    """No graph (no_grad: the autograd kernel records nothing; inference_mode: the CPU kernel, forward
+    alone): the same output, from the same dropout draws."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 4, 32, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(32), 0.1 * torch.randn(32), 1e-5)
+    w1, b1, w2, b2 = (0.2 * torch.randn(64, 32), torch.zeros(64), 0.2 * torch.randn(32, 64), torch.zeros(32))
+
+    def run(mode):
+        torch.manual_seed(1)
+        with mode, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return fused.residual_mlp(x, w, w1, b1, w2, b2, "gelu", True, Dropout(0.1), Dropout(0.2))
+
+    training = run(contextlib.nullcontext())
+    assert training.requires_grad
+    for mode in (torch.no_grad(), torch.inference_mode()):
+        out = run(mode)
+        assert not out.requires_grad and torch.equal(out, training.detach())
+
+
+@built
+def test_the_nodes_backward_refuses_to_be_differentiated():
+    torch.manual_seed(0)
+    x = torch.randn(32, 4, 32, requires_grad=True)
+    w = (torch.ones(32), torch.zeros(32), 1e-5)
+    out = fused.residual_mlp(x, w, 0.2 * torch.randn(64, 32), torch.zeros(64), 0.2 * torch.randn(32, 64),
+                             torch.zeros(32), "gelu", True)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        torch.autograd.grad(out.square().sum(), x, create_graph=True)

@@ -124,9 +124,10 @@ def _mlp_forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     return y, (x, w1, w2s, h, *((g,) if keep else ()))
 
 
-def _mlp_backward(ctx, saved: tuple[Tensor, ...], dy: Tensor,
-                  need_dx: bool) -> tuple[Tensor | None, Tensor, Tensor, Tensor, Tensor]:
-    """The gradients of x, W1, b1, W2, b2 from the output's ``dy`` (`_mlp_forward`'s dtype)."""
+def _mlp_backward(ctx, saved: tuple[Tensor, ...], dy: Tensor, need_dx: bool,
+                  db2: Tensor | None = None) -> tuple[Tensor | None, Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of x, W1, b1, W2, b2 from the output's ``dy`` (`_mlp_forward`'s dtype); b2's is
+    ``db2`` where the caller has it."""
     x, w1, w2s, h, *kept = saved
     left, scale = ctx.left, ctx.scale
     g = kept[0] if kept else _forward(ctx.activation, h)  # σ(h), kept or recomputed; dropped units are 0
@@ -140,7 +141,8 @@ def _mlp_backward(ctx, saved: tuple[Tensor, ...], dy: Tensor,
     dh, db1 = _backward_(ctx.activation, buf, h, left)  # and b1's gradient
     dw1 = dh @ x.t() if left else dh.t() @ x
     dx = (w1.t() @ dh if left else dh @ w1) if need_dx else None
-    db2 = dy.sum(1) if left else dy.sum(0)
+    if db2 is None:
+        db2 = dy.sum(1) if left else dy.sum(0)
     return dx, dw1, db1, dw2, db2
 
 
@@ -170,9 +172,20 @@ def residual_mlp(x: Tensor, norm: tuple[Tensor, Tensor, float], w1: Tensor, b1: 
     The norm is `kernels.layer_norm`, which writes autocast's dtype directly (no cast pass), and its
     backward adds the gradient that goes around it (no separate sum). ``norm`` is (weight, bias, eps);
     ``dropout`` acts in the hidden layer and ``branch_dropout`` on the branch (`layers.Dropout`s active
-    here, or None). `fusable` says when this applies.
+    here, or None). `fusable` says when this applies. Where `node.cpp` is built the node is its C++
+    autograd function (``torch.ops.mlpmixer.residual_mlp``), else `_ResidualMlp` with the Python bodies
+    below: the same operations in the same order, so the same results.
     """
     dt = autocast_dtype(x.device.type)
+    native = node.ops()
+    # the operator takes what `fusable` takes, with float32 or bfloat16 weights of one dtype; torch.compile
+    # traces the Python bodies (the operator has no fake-tensor form)
+    if (native is not None and w1.dtype in (torch.float32, torch.bfloat16) and w1.dtype == b1.dtype == w2.dtype
+            == b2.dtype and fusable(x) and not _compiling()):
+        hidden = (dropout.threshold, dropout.scale) if dropout is not None else (0, 1.0)
+        branch = (branch_dropout.threshold, branch_dropout.scale) if branch_dropout is not None else (0, 1.0)
+        return native.residual_mlp(x, norm[0], norm[1], w1, b1, w2, b2, norm[2], activation, left,
+                                   dt == torch.bfloat16, *hidden, *branch, _keeps(x, w1, left, dt))
     with torch.autocast(x.device.type, enabled=False):
         return _ResidualMlp.apply(x, norm[0], norm[1], w1, b1, w2, b2, norm[2], activation, left, dropout,
                                   branch_dropout, dt)
@@ -204,26 +217,11 @@ def _keeps_bytes(size: int) -> bool:
 
 
 class _ResidualMlp(torch.autograd.Function):
-    """Forward and backward run `node.cpp`'s operators where they are built (`node.ops`), else the
-    Python bodies below: the same operations in the same order, so the same results."""
+    """The node with Python bodies: where `node.cpp` is not built, and under torch.compile."""
 
     @staticmethod
     def forward(ctx, x: Tensor, norm_w: Tensor, norm_b: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
                 eps: float, activation: str, left: bool, dropout, branch_dropout, dtype: torch.dtype | None) -> Tensor:
-        # the operators take what `fusable` takes, with float32 or bfloat16 weights of one dtype; torch.compile
-        # traces the Python bodies (the operators have no fake-tensor form)
-        native = (node.ops() if fusable(x) and w1.dtype in (torch.float32, torch.bfloat16)
-                  and w1.dtype == b1.dtype == w2.dtype == b2.dtype and not _compiling() else None)
-        ctx.native = native is not None
-        if native is not None:
-            hidden = (dropout.threshold, dropout.scale) if dropout is not None else (0, 1.0)
-            branch = (branch_dropout.threshold, branch_dropout.scale) if branch_dropout is not None else (0, 1.0)
-            out, saved, key = native.residual_forward(x, norm_w, norm_b, w1, b1, w2, b2, eps, activation, left,
-                                                      dtype == torch.bfloat16, *hidden, *branch,
-                                                      _keeps(x, w1, left, dtype))
-            ctx.save_for_backward(*saved)
-            ctx.args = activation, left, hidden[1], *branch, key, w1.dtype
-            return out
         n, d = x.shape[0], x.shape[-1]
         u, mean, rstd = kernels.layer_norm(x, norm_w, norm_b, eps, dtype or x.dtype)  # (N, B, D)
         u = u.view(n, -1) if left else u.view(-1, d)  # (N, B·D) for Eq. 1, (N·B, D) for Eq. 2
@@ -242,14 +240,13 @@ class _ResidualMlp(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout: Tensor):
-        if ctx.native:
-            return *node.ops().residual_backward(dout, list(ctx.saved_tensors), *ctx.args), None, None, None, None, None, None
         x, norm_w, mean, rstd, *saved = ctx.saved_tensors
-        dout = dout.contiguous()
-        dy = (dout.to(ctx.y_dtype) if ctx.branch is None
-              else kernels.dropout_mul(dout, *ctx.branch, dtype=ctx.y_dtype))  # the branch's gradient
-        dy = dy.view(x.shape[0], -1) if ctx.left else dy.view(-1, x.shape[-1])  # as the MLP saw its output
-        du, dw1, db1, dw2, db2 = _mlp_backward(ctx, saved, dy, need_dx=True)
+        rows = x.shape[0] if ctx.left else x.numel() // x.shape[-1]  # dy as the MLP saw its output
+        # the branch's gradient (the forward mask made again from its key; nothing dropped without branch
+        # dropout) in the products' dtype, and b2's gradient, in one pass
+        dy, db2 = kernels.dropout_mul_sum(dout, rows, x.numel() // rows, ctx.left, *(ctx.branch or (0, 0, 1.0)),
+                                          dtype=ctx.y_dtype)
+        du, dw1, db1, dw2, db2 = _mlp_backward(ctx, saved, dy, need_dx=True, db2=db2)
         dx, dnorm_w, dnorm_b = kernels.layer_norm_backward(du.view(x.shape), x, mean, rstd, norm_w, residual=dout)
         grads = (g.to(dt) for g, dt in zip((dw1, db1, dw2, db2), ctx.dtypes))
         return dx, dnorm_w, dnorm_b, *grads, None, None, None, None, None, None

@@ -324,3 +324,53 @@ void mlpmixer_gelu_backward_sum_bf16(uint16_t *out, float *sums, float *part, co
     }
     sum_chunks(sums, part, chunks, cols, cols);
 }
+
+/* mlpmixer_dropout_mul over a float32 (rows, cols) table into TO, plus the float32 sums of the results
+ * (as rounded to TO) over each row (per_row: the token-mixing MLP's outputs are rows) or each column:
+ * a residual branch's gradient and its output bias's gradient in one pass (mlpmixer.fused). thr = 0
+ * drops nothing and makes no bits (out = t * scale). Sums as mlpmixer_gelu_backward_sum_bf16's: rows in
+ * 16 lanes and a fixed tree, columns per chunk of CHUNK rows and then in order. cols % 16 == 0. */
+#define DROPOUT_MUL_SUM(NAME, TO, STORE, VLOADO)                                                     \
+    static inline void NAME##_span(TO *o, const float *t, int64_t e0, int64_t n, uint64_t key,       \
+                                   uint32_t thr, float scale) {                                     \
+        if (!thr) {                                                                                  \
+            for (int64_t k = 0; k < n; ++k) o[k] = STORE(t[k] * scale);                              \
+            return;                                                                                  \
+        }                                                                                            \
+        uint16_t lanes[BLOCK];                                                                       \
+        draw(key, e0, n, lanes);                                                                     \
+        for (int64_t k = 0; k < n; ++k) o[k] = STORE(lanes[k] < thr ? 0.0f : t[k] * scale);          \
+    }                                                                                                \
+    void NAME(TO *out, float *sums, float *part, const float *t, int64_t rows, int64_t cols,         \
+              int per_row, uint64_t key, uint32_t thr, float scale, int nthreads) {                 \
+        if (per_row) {                                                                               \
+            _Pragma("omp parallel for num_threads(nthreads) schedule(static) if(rows * cols >= PARALLEL_MIN)") \
+            for (int64_t r = 0; r < rows; ++r) {                                                     \
+                vf acc = {0};                                                                        \
+                for (int64_t k0 = 0; k0 < cols; k0 += BLOCK) {                                       \
+                    const int64_t n = min64(BLOCK, cols - k0), e = r * cols + k0;                   \
+                    NAME##_span(out + e, t + e, e, n, key, thr, scale);                              \
+                    for (int64_t k = 0; k < n; k += V) acc += VLOADO(out + e + k);                   \
+                }                                                                                    \
+                sums[r] = vsum(acc);                                                                 \
+            }                                                                                        \
+            return;                                                                                  \
+        }                                                                                            \
+        const int64_t chunks = (rows + CHUNK - 1) / CHUNK;                                           \
+        _Pragma("omp parallel for num_threads(nthreads) schedule(static) if(rows * cols >= PARALLEL_MIN)") \
+        for (int64_t c = 0; c < chunks; ++c) {                                                       \
+            float *p = part + c * cols;                                                              \
+            memset(p, 0, (size_t)cols * sizeof(float));                                              \
+            for (int64_t r = c * CHUNK; r < min64((c + 1) * CHUNK, rows); ++r)                       \
+                for (int64_t k0 = 0; k0 < cols; k0 += BLOCK) {                                       \
+                    const int64_t n = min64(BLOCK, cols - k0), e = r * cols + k0;                   \
+                    NAME##_span(out + e, t + e, e, n, key, thr, scale);                              \
+                    for (int64_t k = 0; k < n; k += V)                                               \
+                        vstore_f32(p + k0 + k, vload_f32(p + k0 + k) + VLOADO(out + e + k));        \
+                }                                                                                    \
+        }                                                                                            \
+        sum_chunks(sums, part, chunks, cols, cols);                                                  \
+    }
+
+DROPOUT_MUL_SUM(mlpmixer_dropout_mul_sum_f32, float, store_f32, vload_f32)
+DROPOUT_MUL_SUM(mlpmixer_dropout_mul_sum_f32_bf16, uint16_t, store_bf16, vload_bf16)

@@ -185,6 +185,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     for name in ("f32", "bf16", "f32_bf16"):
         signatures[f"mlpmixer_dropout_add_{name}"] = [p, p, p, i64, u64, u32, f, i]
         signatures[f"mlpmixer_dropout_mul_{name}"] = [p, p, i64, u64, u32, f, i]
+    for name in ("f32", "f32_bf16"):
+        signatures[f"mlpmixer_dropout_mul_sum_{name}"] = [p, p, p, p, i64, i64, i, u64, u32, f, i]
     signatures["mlpmixer_gelu_bf16"] = [p, p, i64, p, i]
     signatures["mlpmixer_gelu_backward_bf16"] = [p, p, p, i64, p, i]
     signatures["mlpmixer_gelu_backward_sum_bf16"] = [p, p, p, p, p, i64, i64, i, p, i]
@@ -248,6 +250,22 @@ def dropout_mul(t: Tensor, key: int, threshold: int, scale: float, dtype: torch.
     getattr(_need(), f"mlpmixer_dropout_mul_{pair}")(out.data_ptr(), t.data_ptr(), t.numel(), key,
                                                      threshold, scale, torch.get_num_threads())
     return out
+
+
+def dropout_mul_sum(t: Tensor, rows: int, cols: int, per_row: bool, key: int, threshold: int, scale: float,
+                    dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """`dropout_mul` of a contiguous float32 ``t`` seen as (rows, cols) (cols a multiple of 16), into
+    ``dtype`` (float32 or bfloat16), and the float32 sums of the result over each row (``per_row``) or
+    column, in the same pass. ``threshold`` 0 drops nothing (``t * scale`` rounded to ``dtype``)."""
+    t = t.contiguous()
+    _need_multiple_of_16("dropout_mul_sum", cols)
+    out = torch.empty((rows, cols), dtype=dtype)
+    sums = torch.empty(rows if per_row else cols)
+    part = torch.empty(0 if per_row else -(-rows // CHUNK_ROWS) * cols)  # per-chunk column sums
+    getattr(_need(), f"mlpmixer_dropout_mul_sum_{'f32_bf16' if dtype == torch.bfloat16 else 'f32'}")(
+        out.data_ptr(), sums.data_ptr(), part.data_ptr(), t.data_ptr(), rows, cols, int(per_row), key, threshold,
+        scale, torch.get_num_threads())
+    return out, sums
 
 
 def _need_multiple_of_16(name: str, width: int) -> None:

@@ -1,12 +1,14 @@
-// The residual-MLP node's forward and backward bodies (mlpmixer.fused._ResidualMlp) as two torch
-// operators, so a step spends no Python between the node's dozen operations (issue 17: at the MLM seed
-// configuration that Python was most of the node's fixed cost). Each body makes the same calls in the
-// same order as fused.py's Python bodies (the same ATen operators, the same compiled kernels of
+// The residual-MLP node (mlpmixer.fused.residual_mlp) as one torch operator, an autograd function in
+// C++, so a step spends no Python between, or inside, the node's forward and backward (issue 17: at the
+// MLM seed configuration that Python was most of the node's fixed cost). Each body makes the same calls
+// in the same order as fused.py's Python bodies (the same ATen operators, the same compiled kernels of
 // kernels.c, the same draws from torch's generator), so the results are the same bit for bit; fused.py
 // keeps the Python bodies for where this library is not built, and the tests hold the two equal.
 // mlpmixer/node.py builds this file on first use and hands it the kernels' addresses (set_kernels).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -21,7 +23,7 @@ using at::Tensor;
 // the C kernels, in the order node.py passes their addresses (names as in kernels.c)
 enum Kernel {
     LN_F32, LN_BF16, LN_BACKWARD_F32, LN_BACKWARD_BF16, DROPOUT_BIAS_F32, DROPOUT_BIAS_BF16,
-    DROPOUT_ADD_F32, DROPOUT_ADD_F32_BF16, DROPOUT_MUL_F32, DROPOUT_MUL_F32_BF16, GELU_BF16,
+    DROPOUT_ADD_F32, DROPOUT_ADD_F32_BF16, DROPOUT_MUL_SUM_F32, DROPOUT_MUL_SUM_F32_BF16, GELU_BF16,
     GELU_BACKWARD_BF16, GELU_BACKWARD_SUM_BF16, KERNELS
 };
 using LayerNormFn = void (*)(void *, float *, float *, const float *, const float *, const float *, int64_t,
@@ -30,7 +32,8 @@ using LayerNormBackwardFn = void (*)(float *, float *, float *, float *, const v
                                      const float *, const float *, const float *, int64_t, int64_t, int);
 using DropoutBiasFn = void (*)(void *, const void *, int64_t, int64_t, int, uint64_t, uint32_t, float, int);
 using DropoutAddFn = void (*)(void *, const void *, const void *, int64_t, uint64_t, uint32_t, float, int);
-using DropoutMulFn = void (*)(void *, const void *, int64_t, uint64_t, uint32_t, float, int);
+using DropoutMulSumFn = void (*)(void *, float *, float *, const float *, int64_t, int64_t, int, uint64_t, uint32_t,
+                                 float, int);
 using GeluFn = void (*)(void *, const void *, int64_t, const void *, int);
 using GeluBackwardFn = void (*)(void *, const void *, const void *, int64_t, const float *, int);
 using GeluBackwardSumFn = void (*)(void *, float *, float *, const void *, const void *, int64_t, int64_t, int,
@@ -201,17 +204,16 @@ std::vector<Tensor> residual_backward(const Tensor &dout_, const std::vector<Ten
     const bool kept = saved.size() > 8;
     const int64_t n = x.size(0), d = x.size(-1);
     const Tensor dout = dout_.contiguous();
-    const at::ScalarType y_dtype = h.scalar_type();
-    Tensor dy;
-    if (branch_threshold == 0) {
-        dy = dout.to(y_dtype);
-    } else {  // kernels.dropout_mul: the branch's gradient, the forward mask made again from its key
-        dy = at::empty_like(dout, dout.options().dtype(y_dtype));
-        kernel<DropoutMulFn>(y_dtype == at::kBFloat16 ? DROPOUT_MUL_F32_BF16 : DROPOUT_MUL_F32)(
-            dy.data_ptr(), dout.data_ptr(), dout.numel(), static_cast<uint64_t>(branch_key),
-            static_cast<uint32_t>(branch_threshold), static_cast<float>(branch_scale), threads());
-    }
-    dy = left ? dy.view({n, -1}) : dy.view({-1, d});
+    // kernels.dropout_mul_sum: the branch's gradient (the forward mask made again from its key; nothing
+    // dropped without branch dropout) in the products' dtype, and b2's gradient in the same pass
+    const int64_t rows = left ? n : dout.numel() / d, cols = dout.numel() / rows;
+    Tensor dy = at::empty({rows, cols}, dout.options().dtype(h.scalar_type()));
+    Tensor db2 = at::empty({left ? rows : cols}, dout.options());
+    Tensor part = at::empty({left ? 0 : (rows + CHUNK_ROWS - 1) / CHUNK_ROWS * cols}, dout.options());
+    kernel<DropoutMulSumFn>(bf16(dy) ? DROPOUT_MUL_SUM_F32_BF16 : DROPOUT_MUL_SUM_F32)(
+        dy.data_ptr(), db2.data_ptr<float>(), part.data_ptr<float>(), dout.data_ptr<float>(), rows, cols, left,
+        static_cast<uint64_t>(branch_key), static_cast<uint32_t>(branch_threshold),
+        static_cast<float>(branch_threshold == 0 ? 1.0 : branch_scale), threads());
     const Tensor g = kept ? saved[8] : act_forward(activation, h);
     Tensor dw2 = left ? at::mm(dy, g.t()) : at::mm(dy.t(), g);
     if (hidden_scale != 1.0) dw2.mul_(number(hidden_scale));  // W2 entered as W2 · scale
@@ -220,9 +222,66 @@ std::vector<Tensor> residual_backward(const Tensor &dout_, const std::vector<Ten
     auto [dh, db1] = act_backward_(activation, buf, h, left);
     const Tensor dw1 = left ? at::mm(dh, u.t()) : at::mm(dh.t(), u);
     const Tensor du = left ? at::mm(w1.t(), dh) : at::mm(dh, w1);
-    const Tensor db2 = dy.sum(left ? 1 : 0);
     auto [dx, dnorm_w, dnorm_b] = layer_norm_backward(du.view(x.sizes()), x, mean, rstd, norm_w, dout);
     return {dx, dnorm_w, dnorm_b, dw1.to(grad_dtype), db1.to(grad_dtype), dw2.to(grad_dtype), db2.to(grad_dtype)};
+}
+
+// The node as an autograd function in C++ (fused._ResidualMlp's part where this library is built): no
+// Python between the forward, the graph and the backward. The forward runs without autocast, as
+// fused.residual_mlp runs _ResidualMlp (the bodies cast for themselves), and the backward, like
+// once_differentiable's, is not itself differentiable.
+struct ResidualMlp : public torch::autograd::Function<ResidualMlp> {
+    static Tensor forward(torch::autograd::AutogradContext *ctx, const Tensor &x, const Tensor &norm_w,
+                          const Tensor &norm_b, const Tensor &w1, const Tensor &b1, const Tensor &w2, const Tensor &b2,
+                          double eps, const std::string &activation, bool left, bool autocast_bf16,
+                          int64_t hidden_threshold, double hidden_scale, int64_t branch_threshold, double branch_scale,
+                          bool keep) {
+        auto [out, saved, key] = residual_forward(x, norm_w, norm_b, w1, b1, w2, b2, eps, activation, left,
+                                                  autocast_bf16, hidden_threshold, hidden_scale, branch_threshold,
+                                                  branch_scale, keep);
+        ctx->save_for_backward(saved);
+        ctx->saved_data["activation"] = activation;
+        ctx->saved_data["left"] = left;
+        ctx->saved_data["hidden_scale"] = hidden_scale;
+        ctx->saved_data["branch_threshold"] = branch_threshold;
+        ctx->saved_data["branch_scale"] = branch_scale;
+        ctx->saved_data["branch_key"] = key;
+        ctx->saved_data["grad_dtype"] = static_cast<int64_t>(w1.scalar_type());
+        return out;
+    }
+
+    static torch::autograd::variable_list backward(torch::autograd::AutogradContext *ctx,
+                                                   torch::autograd::variable_list grads) {
+        TORCH_CHECK(!at::GradMode::is_enabled(),
+                    "mlpmixer: the residual node's backward is not differentiable (no gradients of gradients)");
+        const auto &d = ctx->saved_data;
+        std::vector<Tensor> g = residual_backward(
+            grads[0], ctx->get_saved_variables(), d.at("activation").toStringRef(), d.at("left").toBool(),
+            d.at("hidden_scale").toDouble(), d.at("branch_threshold").toInt(), d.at("branch_scale").toDouble(),
+            d.at("branch_key").toInt(), static_cast<at::ScalarType>(d.at("grad_dtype").toInt()));
+        g.resize(16);  // no gradients for the options
+        return g;
+    }
+};
+
+Tensor residual_mlp(const Tensor &x, const Tensor &norm_w, const Tensor &norm_b, const Tensor &w1, const Tensor &b1,
+                    const Tensor &w2, const Tensor &b2, double eps, const std::string &activation, bool left,
+                    bool autocast_bf16, int64_t hidden_threshold, double hidden_scale, int64_t branch_threshold,
+                    double branch_scale, bool keep) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    return ResidualMlp::apply(x, norm_w, norm_b, w1, b1, w2, b2, eps, activation, left, autocast_bf16,
+                              hidden_threshold, hidden_scale, branch_threshold, branch_scale, keep);
+}
+
+// without autograd (inference mode): the forward alone
+Tensor residual_mlp_forward_only(const Tensor &x, const Tensor &norm_w, const Tensor &norm_b, const Tensor &w1,
+                                 const Tensor &b1, const Tensor &w2, const Tensor &b2, double eps,
+                                 const std::string &activation, bool left, bool autocast_bf16,
+                                 int64_t hidden_threshold, double hidden_scale, int64_t branch_threshold,
+                                 double branch_scale, bool keep) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    return std::get<0>(residual_forward(x, norm_w, norm_b, w1, b1, w2, b2, eps, activation, left, autocast_bf16,
+                                        hidden_threshold, hidden_scale, branch_threshold, branch_scale, false));
 }
 
 void set_kernels(const std::vector<int64_t> &addresses, const Tensor &value, const Tensor &slope) {
@@ -237,11 +296,10 @@ void set_kernels(const std::vector<int64_t> &addresses, const Tensor &value, con
 
 TORCH_LIBRARY(mlpmixer, m) {
     m.def("set_kernels(int[] addresses, Tensor gelu_value, Tensor gelu_slope) -> ()", &set_kernels);
-    m.def("residual_forward(Tensor x, Tensor norm_w, Tensor norm_b, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
+    m.def("residual_mlp(Tensor x, Tensor norm_w, Tensor norm_b, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
           "float eps, str activation, bool left, bool autocast_bf16, int hidden_threshold, float hidden_scale, "
-          "int branch_threshold, float branch_scale, bool keep) -> (Tensor, Tensor[], int)",
-          &residual_forward);
-    m.def("residual_backward(Tensor dout, Tensor[] saved, str activation, bool left, float hidden_scale, "
-          "int branch_threshold, float branch_scale, int branch_key, ScalarType grad_dtype) -> Tensor[]",
-          &residual_backward);
+          "int branch_threshold, float branch_scale, bool keep) -> Tensor");
 }
+
+TORCH_LIBRARY_IMPL(mlpmixer, Autograd, m) { m.impl("residual_mlp", &residual_mlp); }
+TORCH_LIBRARY_IMPL(mlpmixer, CPU, m) { m.impl("residual_mlp", &residual_mlp_forward_only); }
