@@ -131,9 +131,14 @@ class Encoder(nn.Module):
 
     def forward_seq_first(self, xs: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """xs: (N, B, D) -> (N, B, D); the layout that makes token mixing a plain GEMM."""
+        return self.norm(self.blocks_seq_first(xs, padding_mask))
+
+    def blocks_seq_first(self, xs: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """The blocks without the final norm, (N, B, D) -> (N, B, D): for a caller that needs the output at
+        some positions only (the norm is per position, so it then normalises just those)."""
         for block in self.blocks:
             xs = block.forward_seq_first(xs, padding_mask)
-        return self.norm(xs)
+        return xs
 
 
 class TokenEmbedding(nn.Module):

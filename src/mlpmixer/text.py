@@ -96,16 +96,18 @@ class LanguageModel(nn.Module):
         """Logits (B, N, vocab_size) for ids (B, N); with ``positions`` (flat indices into (B, N), as
         `chosen_positions` gives them) the logits at those positions only, (len(positions), vocab_size):
         the MLM loss needs the ~15 % chosen ones, and the head then multiplies 15 % of the rows."""
-        xs = self.encoder.forward_seq_first(self.embed(input_ids), padding_mask)  # (N, B, D)
+        xs = self.encoder.blocks_seq_first(self.embed(input_ids), padding_mask)  # (N, B, D)
         if positions is None:
-            return self.head(xs).transpose(0, 1)  # (N, B, vocab_size) -> (B, N, vocab_size)
+            return self.head(self.encoder.norm(xs)).transpose(0, 1)  # (N, B, vocab_size) -> (B, N, vocab_size)
         n, b = xs.shape[:2]
         rows = positions % n * b + positions // n  # position (b, n) is row n·B + b of the sequence-first xs
         # padded to a multiple of 64 rows: the chosen count differs in every batch, and oneDNN builds its
         # bf16 products anew for each new shape (1.4 ms a step here); whole 64s make a few shapes, reused
         chosen = len(rows)
         rows = torch.cat([rows, rows.new_zeros(-chosen % 64)])
-        return self.head(xs.reshape(n * b, -1).index_select(0, rows))[:chosen]  # (len(positions), vocab_size)
+        # the final norm is per position: at the chosen rows only (15 %), as the head
+        picked = self.encoder.norm(xs.reshape(n * b, -1).index_select(0, rows))
+        return self.head(picked)[:chosen]  # (len(positions), vocab_size)
 
     def save_pretrained(self, directory: str | os.PathLike, tokenizer=None) -> None:
         """Write ``config.json`` and ``model.safetensors`` (and ``vocab.json`` when given the tokenizer):
