@@ -14,6 +14,7 @@ Inference: `fill_mask` (masked) and `generate` (causal).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Iterator
@@ -150,19 +151,25 @@ def mask_tokens(ids: Tensor, *, mask_id: int, vocab_size: int, special_ids: list
         raise ValueError(f"mask_id {mask_id} must be one of special_ids {list(special_ids)}")
     if not 0.0 < mlm_probability < 1.0:
         raise ValueError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
-    specials = torch.tensor(list(special_ids), dtype=ids.dtype, device=ids.device)
-    ordinary = torch.tensor([i for i in range(vocab_size) if i not in set(special_ids)], dtype=ids.dtype,
-                            device=ids.device)
+    ordinary = _ordinary_ids(vocab_size, tuple(special_ids), ids.dtype, ids.device)
     if len(ordinary) == 0:
         raise ValueError("the vocabulary has no ordinary tokens to mask")
     chosen = (torch.rand(ids.shape, generator=generator, device=ids.device) < mlm_probability)
-    chosen &= ~torch.isin(ids, specials)
+    for special in set(special_ids):
+        chosen &= ids != special
     fate = torch.rand(ids.shape, generator=generator, device=ids.device)
     replacements = ordinary[torch.randint(len(ordinary), ids.shape, generator=generator, device=ids.device)]
-    inputs = torch.where(chosen & (fate < 0.8), torch.full_like(ids, mask_id), ids)
+    inputs = ids.masked_fill(chosen & (fate < 0.8), mask_id)
     inputs = torch.where(chosen & (fate >= 0.8) & (fate < 0.9), replacements, inputs)
-    labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE_INDEX))
+    labels = ids.masked_fill(~chosen, IGNORE_INDEX)
     return inputs, labels
+
+
+@functools.lru_cache(maxsize=16)
+def _ordinary_ids(vocab_size: int, special_ids: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The ids in [0, vocab_size) outside ``special_ids``, ascending (made once per vocabulary)."""
+    specials = set(special_ids)
+    return torch.tensor([i for i in range(vocab_size) if i not in specials], dtype=dtype, device=device)
 
 
 def chosen_positions(labels: Tensor) -> Tensor:
