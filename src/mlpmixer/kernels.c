@@ -1,8 +1,8 @@
 /* Dropout in one pass over memory: the mask's bits are made where they are used (mlpmixer.kernels).
  *
  * Element e of a call keyed by `key` gets the 16-bit uniform lane e % 4 (memory order) of the 64-bit
- * word mix(key, e / 4): SplitMix64's output function at position e / 4 + 1 of the stream that starts
- * at `key`. A counter-based generator, so any thread can make any element's bits, the result does not
+ * word finish(key + (e / 4 + 1) · GOLDEN): SplitMix64's output at position e / 4 + 1 of the stream
+ * that starts at `key`. A counter-based generator, so any thread can make any element's bits, the result does not
  * depend on the thread count, and backward makes the forward pass's mask again from the key instead
  * of storing it. mlpmixer/kernels.py computes the same bits with torch operations (its fallback and
  * the tests' reference); keep the two in step.
@@ -19,18 +19,22 @@
 #define BLOCK 1024            /* elements per task: their bits live on the stack, in L1 */
 #define PARALLEL_MIN 32768    /* below this many elements, one thread */
 
-static inline uint64_t mix(uint64_t key, uint64_t word) {
-    uint64_t z = key + (word + 1) * 0x9E3779B97F4A7C15ULL;
+#define GOLDEN 0x9E3779B97F4A7C15ULL
+
+/* SplitMix64's output function of the state z */
+static inline uint64_t finish(uint64_t z) {
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
     return z ^ (z >> 31);
 }
 
-/* the lanes of elements e0 … e0 + n - 1 (n <= BLOCK) */
+/* the lanes of elements e0 … e0 + n - 1 (n <= BLOCK): consecutive words, the state stepped by GOLDEN
+ * from word to word */
 static inline void draw(uint64_t key, int64_t e0, int64_t n, uint16_t *lanes) {
     uint64_t words[BLOCK / 4 + 2];
-    const int64_t w0 = e0 >> 2, w1 = (e0 + n + 3) >> 2;
-    for (int64_t w = w0; w < w1; ++w) words[w - w0] = mix(key, (uint64_t)w);
+    const int64_t w0 = e0 >> 2, count = ((e0 + n + 3) >> 2) - w0;
+    const uint64_t first = key + ((uint64_t)w0 + 1) * GOLDEN;
+    for (int64_t i = 0; i < count; ++i) words[i] = finish(first + (uint64_t)i * GOLDEN);
     memcpy(lanes, (const uint16_t *)words + (e0 & 3), (size_t)n * sizeof(uint16_t));
 }
 
