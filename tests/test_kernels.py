@@ -370,3 +370,42 @@ def test_the_kernels_layer_norm_module_equals_torchs(bf16, d):
         results.append((y, gx, gw, gb))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@compiled
+@pytest.mark.parametrize("positions", [None, "buffer", "learned"])
+@pytest.mark.parametrize("shape", [(64, 32, 67, 128), (3, 5, 11, 16), (7, 33, 1000, 48)])
+def test_the_embedding_kernels_give_torchs_bits_forward_and_backward(positions, shape):
+    """fused.embed: the lookup, scale and positions in one pass; the table's gradient summed per id in
+    torch's row order (bit for bit), the learned positions' by torch's own sum; any thread count."""
+    from mlpmixer import fused
+
+    b, n, vocab, d = shape
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, vocab, (b, n), generator=g)
+    weight = torch.randn(vocab, d, generator=g)
+    pos = None if positions is None else torch.randn(n + 3, d, generator=g)
+    dout = torch.randn(n, b, d, generator=g)
+    results = []
+    for ours, threads in ((True, 1), (True, 2), (False, 1)):
+        torch.set_num_threads(threads)
+        w = weight.clone().requires_grad_()
+        p = None if pos is None else pos.clone().requires_grad_(positions == "learned")
+        if ours:
+            out = fused.embed(ids, w, d ** 0.5, p)
+        else:
+            out = torch.nn.functional.embedding(ids.t(), w) * d ** 0.5
+            out = out if p is None else out + p[:n, None]
+        out.backward(dout)
+        results.append([out, w.grad] + ([p.grad] if positions == "learned" else []))
+    torch.set_num_threads(1)
+    for ours in results[:2]:
+        assert all(torch.equal(a, b) for a, b in zip(ours, results[2]))
+
+
+@compiled
+def test_an_embedding_id_out_of_range_is_an_index_error_naming_it():
+    from mlpmixer import fused
+
+    with pytest.raises(IndexError, match="token id 5 is out of range for an embedding of 3 ids"):
+        fused.embed(torch.tensor([[0, 5]]), torch.randn(3, 16), 1.0)

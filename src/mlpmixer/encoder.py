@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from . import fused
 from .attention import RotaryEmbedding, SelfAttention
 from .errors import unknown_choice
 from .layers import ACTIVATIONS, LayerNorm, MixerBlock, TokenMixer, TokenMixingMlp
@@ -161,9 +162,15 @@ class TokenEmbedding(nn.Module):
         self.norm = nn.LayerNorm(config.d_model) if config.embed_norm else None
 
     def forward(self, ids: Tensor) -> Tensor:
-        xs = self.tokens(ids.t()) * self.scale  # (N, B, D)
-        if self.kind in ("sinusoidal", "learned"):  # rotary positions act inside attention instead
-            xs = xs + self.positions[: ids.shape[1], None]
+        tokens = self.tokens
+        if tokens.padding_idx is not None or tokens.max_norm is not None or tokens.sparse:
+            xs = tokens(ids.t()) * self.scale  # (N, B, D)
+            if self.kind in ("sinusoidal", "learned"):
+                xs = xs + self.positions[: ids.shape[1], None]
+        else:  # the table lookup, scale and positions in one pass where the kernels take it (`fused.embed`)
+            # rotary positions act inside attention instead
+            xs = fused.embed(ids, tokens.weight, self.scale,
+                             self.positions if self.kind in ("sinusoidal", "learned") else None)  # (N, B, D)
         return xs if self.norm is None else self.norm(xs)
 
 

@@ -281,3 +281,36 @@ class _LayerNorm(torch.autograd.Function):
         x, weight, mean, rstd = ctx.saved_tensors
         dx, dw, db = kernels.layer_norm_backward(dy, x, mean, rstd, weight)
         return dx, dw, db, None
+
+
+def embed(ids: Tensor, weight: Tensor, scale: float, positions: Tensor | None = None) -> Tensor:
+    """A text model's sequence-first input: ``embedding(ids.t(), weight) · scale (+ positions[:N, None])``,
+    ids (B, N) -> (N, B, D). By the kernels where they take it (`kernels.embed`: one pass instead of an
+    index_select, a mul and an add; its backward sums each id's rows in torch's order without a dispatch
+    per row, 0.55 -> about 0.1 ms per MLM seed step): the same bits as torch's, forward and backward."""
+    if (ids.dtype == torch.int64 and ids.dim() == 2 and weight.dtype == torch.float32 and weight.dim() == 2
+            and kernels.supports(weight) and ids.device.type == "cpu" and not _compiling()
+            and (positions is None or (positions.dtype == torch.float32 and positions.device.type == "cpu"))):
+        return _Embed.apply(ids, weight, scale, positions)
+    xs = F.embedding(ids.t(), weight) * scale
+    return xs if positions is None else xs + positions[: ids.shape[1], None]
+
+
+class _Embed(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ids: Tensor, weight: Tensor, scale: float, positions: Tensor | None) -> Tensor:
+        ctx.save_for_backward(ids)
+        ctx.scale, ctx.vocab, ctx.positions_shape = scale, weight.shape[0], None if positions is None else positions.shape
+        return kernels.embed(ids, weight, scale, positions)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout: Tensor):
+        (ids,) = ctx.saved_tensors
+        dweight = kernels.embed_backward(dout, ids, ctx.vocab, ctx.scale) if ctx.needs_input_grad[1] else None
+        dpositions = None
+        if ctx.positions_shape is not None and ctx.needs_input_grad[3]:  # the add's gradient, as torch sums it
+            dpositions = dout.new_zeros(ctx.positions_shape)
+            dpositions[: dout.shape[0]] = dout.sum(1)
+        return None, dweight, None, dpositions
+

@@ -378,3 +378,49 @@ void mlpmixer_gelu_backward_sum_bf16(uint16_t *out, float *sums, float *part, co
 
 DROPOUT_MUL_SUM(mlpmixer_dropout_mul_sum_f32, float, store_f32, vload_f32)
 DROPOUT_MUL_SUM(mlpmixer_dropout_mul_sum_f32_bf16, uint16_t, store_bf16, vload_bf16)
+
+/* A text model's input (mlpmixer.fused.embed): ids (B, N) of a (V, D) float32 table to the sequence-first
+ * out (N, B, D) = table[id] · scale (+ pos (N, D) where given), each value rounded as torch's mul and add
+ * round them. Returns -1, or the first position (b · N + n) whose id is outside [0, V), having written
+ * nothing there. */
+int64_t mlpmixer_embed_f32(float *out, const int64_t *ids, const float *table, const float *pos, int64_t batch,
+                           int64_t n, int64_t d, int64_t vocab, float scale, int nthreads) {
+    for (int64_t e = 0; e < batch * n; ++e)
+        if (ids[e] < 0 || ids[e] >= vocab) return e;
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static) if(batch * n * d >= PARALLEL_MIN)")
+    for (int64_t r = 0; r < n * batch; ++r) {  /* row r = i · B + b of the output */
+        const int64_t i = r / batch, b = r % batch;
+        const float *restrict t = table + ids[b * n + i] * d;
+        float *restrict o = out + r * d;
+        if (pos) {
+            const float *restrict p = pos + i * d;
+            for (int64_t k = 0; k < d; ++k) o[k] = t[k] * scale + p[k];
+        } else {
+            for (int64_t k = 0; k < d; ++k) o[k] = t[k] * scale;
+        }
+    }
+    return -1;
+}
+
+/* Its backward for the table: dtable (V, D) = Σ over the rows r = i · B + b with that id of dout[r] · scale,
+ * each row added in ascending r from 0 (torch's embedding backward order, after its mul's rounding: the
+ * same bits). `order` (B · N) and `start` (2 · V + 1) are the caller's buffers for the rows bucketed by id. */
+void mlpmixer_embed_backward_f32(float *dtable, int64_t *order, int64_t *start, const float *dout,
+                                 const int64_t *ids, int64_t batch, int64_t n, int64_t d, int64_t vocab,
+                                 float scale, int nthreads) {
+    memset(start, 0, (size_t)(vocab + 1) * sizeof(int64_t));
+    for (int64_t r = 0; r < n * batch; ++r) ++start[ids[(r % batch) * n + r / batch] + 1];
+    for (int64_t v = 0; v < vocab; ++v) start[v + 1] += start[v];
+    int64_t *next = start + vocab + 1;  /* where each id's next row goes */
+    memcpy(next, start, (size_t)vocab * sizeof(int64_t));
+    for (int64_t r = 0; r < n * batch; ++r) order[next[ids[(r % batch) * n + r / batch]]++] = r;
+    _Pragma("omp parallel for num_threads(nthreads) schedule(dynamic, 4) if(batch * n * d >= PARALLEL_MIN)")
+    for (int64_t v = 0; v < vocab; ++v) {
+        float *restrict acc = dtable + v * d;
+        memset(acc, 0, (size_t)d * sizeof(float));
+        for (int64_t j = start[v]; j < start[v + 1]; ++j) {
+            const float *restrict g = dout + order[j] * d;
+            for (int64_t k = 0; k < d; ++k) acc[k] += g[k] * scale;
+        }
+    }
+}

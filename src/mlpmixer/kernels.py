@@ -187,12 +187,15 @@ def _declare(lib: ctypes.CDLL) -> None:
         signatures[f"mlpmixer_dropout_mul_{name}"] = [p, p, i64, u64, u32, f, i]
     for name in ("f32", "f32_bf16"):
         signatures[f"mlpmixer_dropout_mul_sum_{name}"] = [p, p, p, p, i64, i64, i, u64, u32, f, i]
+    signatures["mlpmixer_embed_f32"] = [p, p, p, p, i64, i64, i64, i64, f, i]
+    signatures["mlpmixer_embed_backward_f32"] = [p, p, p, p, p, i64, i64, i64, i64, f, i]
     signatures["mlpmixer_gelu_bf16"] = [p, p, i64, p, i]
     signatures["mlpmixer_gelu_backward_bf16"] = [p, p, p, i64, p, i]
     signatures["mlpmixer_gelu_backward_sum_bf16"] = [p, p, p, p, p, i64, i64, i, p, i]
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, None
+    lib.mlpmixer_embed_f32.restype = ctypes.c_int64
 
 
 def supports(*tensors: Tensor) -> bool:
@@ -353,3 +356,32 @@ def gelu_backward_sum_bf16_(dy: Tensor, h: Tensor, per_row: bool) -> tuple[Tenso
                                             h.data_ptr(), rows, cols, int(per_row), gelu_tables()[1].data_ptr(),
                                             torch.get_num_threads())
     return dy, sums
+
+
+def embed(ids: Tensor, table: Tensor, scale: float, positions: Tensor | None) -> Tensor:
+    """Sequence-first ``table[ids.t()] · scale (+ positions[:N, None])`` for int64 ``ids`` (B, N) and a float32
+    ``table`` (V, D): (N, B, D) in one pass, the same bits as torch's embedding, mul and add."""
+    ids, table = ids.contiguous(), table.contiguous()
+    (b, n), (vocab, d) = ids.shape, table.shape
+    pos = None if positions is None else positions[:n].contiguous()
+    out = torch.empty((n, b, d), dtype=table.dtype)
+    bad = _need().mlpmixer_embed_f32(out.data_ptr(), ids.data_ptr(), table.data_ptr(),
+                                     None if pos is None else pos.data_ptr(), b, n, d, vocab, scale,
+                                     torch.get_num_threads())
+    if bad >= 0:
+        raise IndexError(f"token id {int(ids.view(-1)[bad])} is out of range for an embedding of {vocab} ids")
+    return out
+
+
+def embed_backward(dout: Tensor, ids: Tensor, vocab: int, scale: float) -> Tensor:
+    """The table's gradient of `embed` from ``dout`` (N, B, D): each id's rows times ``scale``, summed in
+    row order (torch's embedding backward, bit for bit)."""
+    dout, ids = dout.contiguous(), ids.contiguous()
+    b, n = ids.shape
+    d = dout.shape[-1]
+    dtable = torch.empty((vocab, d), dtype=dout.dtype)
+    order, start = torch.empty(b * n, dtype=torch.int64), torch.empty(2 * vocab + 1, dtype=torch.int64)
+    _need().mlpmixer_embed_backward_f32(dtable.data_ptr(), order.data_ptr(), start.data_ptr(), dout.data_ptr(),
+                                        ids.data_ptr(), b, n, d, vocab, scale, torch.get_num_threads())
+    return dtable
+
