@@ -14,11 +14,13 @@ No timings here: benchmarks/ measures speed.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import run_python
 from mlpmixer import MixerBlock, Mlp, MlpMixer, TokenMixingMlp, allocator, fused
 from mlpmixer.fused import ACT_FORWARD, dropped_value, mlp
 from mlpmixer.layers import Dropout, activation_fn
@@ -436,3 +438,29 @@ def test_padding_stochastic_depth_and_other_mixers_take_the_modules_path():
     finally:
         fused.residual_mlp = real
     assert calls == []
+
+
+HUGE = """
+import torch
+from mlpmixer import allocator
+said = allocator.keep_freed_memory()
+tensors = [torch.ones(1 << 20) for _ in range(16)]  # 64 MiB of float32 from the heap
+rollup = open("/proc/self/smaps_rollup").read()
+huge = int(rollup.split("AnonHugePages:")[1].split()[0])
+print(said)
+print(huge)
+"""
+
+
+def test_the_training_heap_sits_on_transparent_huge_pages_where_the_kernel_allows():
+    setting = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not setting.exists() or "[never]" in setting.read_text() or not Path("/proc/self/smaps_rollup").exists():
+        pytest.skip("no transparent huge pages on this machine")
+    on = run_python(HUGE)
+    said, huge = on.stdout.strip().splitlines()
+    if "glibc" not in said:
+        pytest.skip(f"not glibc's malloc here: {said}")
+    assert "heap in transparent huge pages" in said and int(huge) >= 32 << 10, on.stdout + on.stderr  # KiB
+    off = run_python(HUGE, MLPMIXER_HUGE_PAGES="0")
+    said, huge = off.stdout.strip().splitlines()
+    assert said.endswith("heap pages unchanged (MLPMIXER_HUGE_PAGES=0)") and "keeps freed memory" in said
