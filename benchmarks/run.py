@@ -54,8 +54,11 @@ def main(argv: list[str] | None = None) -> None:
 def run_section(section: str, threads: int, dtypes: list, rounds: int, args: argparse.Namespace) -> None:
     q = args.quick
     if section == "mlm":
+        # 12 warm-up steps: `mlpmixer train`'s step settles after about 10 (its heap's growth and first
+        # page touches, oneDNN's products for the head's few padded shapes); timing from step 3 caught
+        # 2-3 ms of that start on every contender's behalf (docs/benchmarks.md, 2026-11-30)
         for dtype in dtypes:
-            print(mlm.run(rounds, 2 if q else 3, 5 if q else 10, threads, dtype=dtype,
+            print(mlm.run(rounds, 2 if q else 12, 5 if q else 20, threads, dtype=dtype,
                           interleaved=args.interleaved, memory=not args.no_memory), "\n")
     elif section == "vision":
         models = {"mixer_s16_224": 8, "mixer_b16_224": 4} if q else {"mixer_s16_224": 32, "mixer_b16_224": 8}
