@@ -157,3 +157,20 @@ def test_float16_gradient_scaling_and_a_closure_take_torchs_step():
 
     opt.step(closure)
     assert calls == [1]
+
+
+def test_a_copied_optimiser_steps_as_the_original():
+    model = _model()
+    opt = optim.AdamW(_groups(model), lr=1e-2, fused=True)
+    _backward(model, 0)
+    opt.step(grad_multiplier=0.5, max_norm=1.0)
+    opt.zero_grad()
+    twin = copy.deepcopy(model)
+    twin_opt = optim.AdamW(_groups(twin), lr=1e-2, fused=True)
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # (loading shares same-dtype tensors)
+    clone = copy.deepcopy(opt)  # torch's __getstate__ keeps state and groups only
+    for o, m in ((opt, model), (twin_opt, twin)):
+        _backward(m, 1)
+        o.step(grad_multiplier=0.5, max_norm=1.0)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    assert clone._lists is None or clone._lists is not opt._lists

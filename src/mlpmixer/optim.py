@@ -52,9 +52,7 @@ class AdamW(torch.optim.AdamW):
     """`torch.optim.AdamW` (the same state, state dict and update) whose `step` also scales and clips
     the gradients, in one C++ operator where it is built (see the module)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._lists: _StateLists | None = None
+    _lists: _StateLists | None = None  # per instance once made (a copy or unpickled one makes its own)
 
     @torch.no_grad()
     def step(self, closure=None, *, grad_multiplier: float = 1.0, max_norm: float = 0.0):
