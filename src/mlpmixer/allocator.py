@@ -23,6 +23,7 @@ M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # mallopt parameters
 MMAP_THRESHOLD = 32 << 20  # glibc's maximum on 64-bit (HEAP_MAX_SIZE / 2)
 TRIM_THRESHOLD = (1 << 31) - 1  # int: never trim in practice
 HEAP_RESERVE = 1 << 30  # address space the heap grows by at once, in transparent huge pages (untouched: no memory)
+DEFAULT_TOP_PAD = 128 << 10  # glibc's M_TOP_PAD default
 HUGE_PAGE = 2 << 20
 MADV_HUGEPAGE = 14  # <sys/mman.h>
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -97,6 +98,8 @@ def _huge_page_heap(libc: ctypes.CDLL) -> str:
             break
     for block in blocks:
         libc.free(block)
+    libc.mallopt(M_TOP_PAD, DEFAULT_TOP_PAD)  # later growth as usual (where a big one would fail, e.g.
+    # under strict overcommit, glibc falls back to mmap for that block and nothing was reserved)
     start = -(-before // HUGE_PAGE) * HUGE_PAGE
     end = libc.sbrk(0) // HUGE_PAGE * HUGE_PAGE
     if end - start < HEAP_RESERVE // 2 or libc.madvise(start, end - start, MADV_HUGEPAGE) != 0:

@@ -23,11 +23,16 @@ bool plain(const Tensor &t) {
            t.is_contiguous();
 }
 
-// 16 floats: one AVX-512 register, two AVX2 ones or four SSE ones; the two loops below are built for
-// each (target_clones: the loader picks the processor's), as this file is built without -march
+// 16 floats: one AVX-512 register, two AVX2 ones or four SSE ones; on x86-64 the two loops below are
+// built for each (target_clones: the loader picks the processor's), as this file is built without
+// -march; elsewhere for the baseline
 typedef float vf __attribute__((vector_size(64)));
 constexpr int64_t V = 16, BLOCK = 256;  // a block's squares are summed in float32, 16 per lane
+#if defined(__x86_64__) && defined(__ELF__)
 #define FOR_EACH_PROCESSOR __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FOR_EACH_PROCESSOR
+#endif
 
 inline vf load(const float *p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 
