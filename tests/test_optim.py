@@ -174,3 +174,22 @@ def test_a_copied_optimiser_steps_as_the_original():
         o.step(grad_multiplier=0.5, max_norm=1.0)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
     assert clone._lists is None or clone._lists is not opt._lists
+
+
+def test_parameters_the_operator_does_not_take_get_torchs_step():
+    """float64 parameters (as any off the CPU or not float32): torch's own step, bit for bit."""
+    def run(opt_class):
+        model = _model().double()
+        opt = opt_class(_groups(model), lr=1e-2, fused=True)
+        for step in range(3):
+            x = torch.randn(32, 16, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
+            (model(x).square().sum() * 50).backward()
+            if opt_class is optim.AdamW:
+                opt.step(grad_multiplier=0.5, max_norm=1.0)
+            else:
+                optim.rescale_gradients(list(model.parameters()), 0.5, 1.0)
+                opt.step()
+            opt.zero_grad()
+        return list(model.parameters())
+
+    assert all(torch.equal(a, b) for a, b in zip(run(optim.AdamW), run(torch.optim.AdamW)))

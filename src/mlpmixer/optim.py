@@ -67,7 +67,7 @@ class AdamW(torch.optim.AdamW):
                                              epss, grad_multiplier, max_norm)
                 if not math.isnan(norm):
                     return None
-        self._lists = None  # the plain step may make state: listed again next time
+                self._lists = None  # the plain step may make state: listed again next time
         rescale_gradients([p for g in self.param_groups for p in g["params"]], grad_multiplier, max_norm)
         return super().step(closure)
 
@@ -90,7 +90,7 @@ class AdamW(torch.optim.AdamW):
             return None
         if self._lists is None or not self._lists.current(self):
             self._lists = _StateLists(self)
-        return self._lists
+        return self._lists if self._lists.on_cpu else None
 
 
 class _StateLists:
@@ -103,6 +103,7 @@ class _StateLists:
         entries = [opt.state.get(p, {}) for p in params]
         self.tensors = (params, *([e.get(key) for e in entries] for key in ("exp_avg", "exp_avg_sq", "step")))
         self.group_ends = list(itertools.accumulate(len(group) for group in self.groups))
+        self.on_cpu = all(p.device.type == "cpu" for p in params)  # the operator's loops are CPU loops
         self.sizes = [len(group) for group in self.groups]
 
     def current(self, opt: torch.optim.Optimizer) -> bool:
