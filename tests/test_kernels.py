@@ -409,3 +409,17 @@ def test_an_embedding_id_out_of_range_is_an_index_error_naming_it():
 
     with pytest.raises(IndexError, match="token id 5 is out of range for an embedding of 3 ids"):
         fused.embed(torch.tensor([[0, 5]]), torch.randn(3, 16), 1.0)
+
+
+@compiled
+def test_a_sequence_longer_than_the_positions_never_reaches_the_embedding_kernel():
+    """fused.embed hands it to torch's ops, which refuse it as before; the kernel itself refuses it too
+    (it would read past the positions table)."""
+    from mlpmixer import fused
+
+    ids, weight, positions = torch.randint(0, 10, (2, 40)), torch.randn(10, 16), torch.randn(16, 16)
+    with pytest.raises(RuntimeError, match="must match the size of tensor b \\(16\\)"):
+        fused.embed(ids, weight, 1.0, positions)
+    with pytest.raises(ValueError, match="embed needs 40 positions of width 16"):
+        kernels.embed(ids, weight, 1.0, positions)
+

@@ -290,7 +290,9 @@ def embed(ids: Tensor, weight: Tensor, scale: float, positions: Tensor | None = 
     per row, 0.55 -> about 0.1 ms per MLM seed step): the same bits as torch's, forward and backward."""
     if (ids.dtype == torch.int64 and ids.dim() == 2 and weight.dtype == torch.float32 and weight.dim() == 2
             and kernels.supports(weight) and ids.device.type == "cpu" and not _compiling()
-            and (positions is None or (positions.dtype == torch.float32 and positions.device.type == "cpu"))):
+            and (positions is None or (positions.dtype == torch.float32 and positions.device.type == "cpu"
+                                       and positions.shape == (positions.shape[0], weight.shape[1])
+                                       and positions.shape[0] >= ids.shape[1]))):
         return _Embed.apply(ids, weight, scale, positions)
     xs = F.embedding(ids.t(), weight) * scale
     return xs if positions is None else xs + positions[: ids.shape[1], None]

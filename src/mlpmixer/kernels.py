@@ -364,6 +364,8 @@ def embed(ids: Tensor, table: Tensor, scale: float, positions: Tensor | None) ->
     ids, table = ids.contiguous(), table.contiguous()
     (b, n), (vocab, d) = ids.shape, table.shape
     pos = None if positions is None else positions[:n].contiguous()
+    if pos is not None and pos.shape != (n, d):  # the kernel reads N rows of D positions
+        raise ValueError(f"embed needs {n} positions of width {d}, not a table of shape {tuple(positions.shape)}")
     out = torch.empty((n, b, d), dtype=table.dtype)
     bad = _need().mlpmixer_embed_f32(out.data_ptr(), ids.data_ptr(), table.data_ptr(),
                                      None if pos is None else pos.data_ptr(), b, n, d, vocab, scale,
