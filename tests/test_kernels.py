@@ -389,10 +389,11 @@ def test_the_embedding_kernels_give_torchs_bits_forward_and_backward(positions, 
     results = []
     for ours, threads in ((True, 1), (True, 2), (False, 1)):
         torch.set_num_threads(threads)
-        w = weight.clone().requires_grad_()
+        tokens = torch.nn.Embedding.from_pretrained(weight.clone(), freeze=False)
+        w = tokens.weight
         p = None if pos is None else pos.clone().requires_grad_(positions == "learned")
         if ours:
-            out = fused.embed(ids, w, d ** 0.5, p)
+            out = fused.embed(ids, tokens, d ** 0.5, p)
         else:
             out = torch.nn.functional.embedding(ids.t(), w) * d ** 0.5
             out = out if p is None else out + p[:n, None]
@@ -408,7 +409,7 @@ def test_an_embedding_id_out_of_range_is_an_index_error_naming_it():
     from mlpmixer import fused
 
     with pytest.raises(IndexError, match="token id 5 is out of range for an embedding of 3 ids"):
-        fused.embed(torch.tensor([[0, 5]]), torch.randn(3, 16), 1.0)
+        fused.embed(torch.tensor([[0, 5]]), torch.nn.Embedding(3, 16), 1.0)
 
 
 @compiled
@@ -419,7 +420,23 @@ def test_a_sequence_longer_than_the_positions_never_reaches_the_embedding_kernel
 
     ids, weight, positions = torch.randint(0, 10, (2, 40)), torch.randn(10, 16), torch.randn(16, 16)
     with pytest.raises(RuntimeError, match="must match the size of tensor b \\(16\\)"):
-        fused.embed(ids, weight, 1.0, positions)
+        fused.embed(ids, torch.nn.Embedding.from_pretrained(weight), 1.0, positions)
     with pytest.raises(ValueError, match="embed needs 40 positions of width 16"):
         kernels.embed(ids, weight, 1.0, positions)
+
+
+@compiled
+def test_an_embedding_the_kernels_do_not_take_gets_torchs_ops():
+    """A padding index (its row gets no gradient), a max norm or a sparse gradient: torch's embedding."""
+    from mlpmixer import fused
+
+    ids = torch.tensor([[0, 1, 2, 0]])
+    for options in ({"padding_idx": 0}, {"max_norm": 1.0}, {"sparse": True}):
+        torch.manual_seed(0)
+        ours, theirs = torch.nn.Embedding(3, 16, **options), torch.nn.Embedding(3, 16, **options)
+        theirs.load_state_dict(ours.state_dict())
+        out = fused.embed(ids, ours, 4.0)
+        want = theirs(ids.t()) * 4.0
+        out.sum().backward(), want.sum().backward()
+        assert torch.equal(out, want) and torch.equal(ours.weight.grad.to_dense(), theirs.weight.grad.to_dense())
 

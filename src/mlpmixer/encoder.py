@@ -162,15 +162,10 @@ class TokenEmbedding(nn.Module):
         self.norm = nn.LayerNorm(config.d_model) if config.embed_norm else None
 
     def forward(self, ids: Tensor) -> Tensor:
-        tokens = self.tokens
-        if tokens.padding_idx is not None or tokens.max_norm is not None or tokens.sparse:
-            xs = tokens(ids.t()) * self.scale  # (N, B, D)
-            if self.kind in ("sinusoidal", "learned"):
-                xs = xs + self.positions[: ids.shape[1], None]
-        else:  # the table lookup, scale and positions in one pass where the kernels take it (`fused.embed`)
-            # rotary positions act inside attention instead
-            xs = fused.embed(ids, tokens.weight, self.scale,
-                             self.positions if self.kind in ("sinusoidal", "learned") else None)  # (N, B, D)
+        # the table lookup, scale and positions in one pass where the kernels take it (`fused.embed`);
+        # rotary positions act inside attention instead
+        xs = fused.embed(ids, self.tokens, self.scale,
+                         self.positions if self.kind in ("sinusoidal", "learned") else None)  # (N, B, D)
         return xs if self.norm is None else self.norm(xs)
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import allocator, kernels, node
@@ -283,18 +283,21 @@ class _LayerNorm(torch.autograd.Function):
         return dx, dw, db, None
 
 
-def embed(ids: Tensor, weight: Tensor, scale: float, positions: Tensor | None = None) -> Tensor:
-    """A text model's sequence-first input: ``embedding(ids.t(), weight) · scale (+ positions[:N, None])``,
-    ids (B, N) -> (N, B, D). By the kernels where they take it (`kernels.embed`: one pass instead of an
-    index_select, a mul and an add; its backward sums each id's rows in torch's order without a dispatch
-    per row, 0.55 -> about 0.1 ms per MLM seed step): the same bits as torch's, forward and backward."""
-    if (ids.dtype == torch.int64 and ids.dim() == 2 and weight.dtype == torch.float32 and weight.dim() == 2
+def embed(ids: Tensor, tokens: nn.Embedding, scale: float, positions: Tensor | None = None) -> Tensor:
+    """A text model's sequence-first input: ``tokens(ids.t()) · scale (+ positions[:N, None])``, ids (B, N)
+    -> (N, B, D). By the kernels where they take it (a plain embedding: no padding index, max norm or sparse
+    gradient; `kernels.embed`: one pass instead of an index_select, a mul and an add; its backward sums
+    each id's rows in torch's order without a dispatch per row, 0.55 -> about 0.1 ms per MLM seed step):
+    the same bits as torch's, forward and backward; else torch's own ops."""
+    weight = tokens.weight
+    if (tokens.padding_idx is None and tokens.max_norm is None and not tokens.sparse
+            and ids.dtype == torch.int64 and ids.dim() == 2 and weight.dtype == torch.float32
             and kernels.supports(weight) and ids.device.type == "cpu" and not _compiling()
             and (positions is None or (positions.dtype == torch.float32 and positions.device.type == "cpu"
                                        and positions.shape == (positions.shape[0], weight.shape[1])
                                        and positions.shape[0] >= ids.shape[1]))):
         return _Embed.apply(ids, weight, scale, positions)
-    xs = F.embedding(ids.t(), weight) * scale
+    xs = tokens(ids.t()) * scale
     return xs if positions is None else xs + positions[: ids.shape[1], None]
 
 
