@@ -26,15 +26,16 @@ def _groups(model: torch.nn.Module) -> list[dict]:
 
 
 def _backward(model: torch.nn.Module, step: int, skip_last: bool = False) -> None:
-    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(step))
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(step)).to(model[0].weight.dtype)
     out = model[:3](x) if skip_last else model(x)
     (out.square().sum() * 50).backward()  # large: max_norm 1 clips
 
 
-def _train(opt_class, steps: int, multiplier: float, max_norm: float, skip_last_until: int = 0):
-    """``steps`` steps of a small model; the parameters after each step. Before ``skip_last_until`` the
-    LayerNorm gets no gradient (torch's step skips it and makes no state for it)."""
-    model = _model()
+def _train(opt_class, steps: int, multiplier: float, max_norm: float, skip_last_until: int = 0,
+           dtype: torch.dtype = torch.float32):
+    """``steps`` steps of a small model in ``dtype``; the parameters after each step. Before
+    ``skip_last_until`` the LayerNorm gets no gradient (torch's step skips it and makes no state for it)."""
+    model = _model().to(dtype)
     opt = opt_class(_groups(model), lr=1e-2, fused=True)
     after = []
     for step in range(steps):
@@ -47,6 +48,13 @@ def _train(opt_class, steps: int, multiplier: float, max_norm: float, skip_last_
         opt.zero_grad(set_to_none=True)
         after.append([p.detach().clone() for p in model.parameters()])
     return after
+
+
+def _step(model: torch.nn.Module, opt: optim.AdamW, step: int) -> None:
+    """One step of ``model`` with ``opt`` (multiplier 0.5, clipped to 1), the gradients then cleared."""
+    _backward(model, step)
+    opt.step(grad_multiplier=0.5, max_norm=1.0)
+    opt.zero_grad()
 
 
 def _max_difference(a, b) -> float:
@@ -111,23 +119,22 @@ def test_the_model_steps_through_the_cpp_operator():
 
 @built
 def test_a_loaded_state_dict_continues_exactly_as_the_original():
-    """load_state_dict replaces the state: the operator's lists are made again from the loaded tensors."""
+    """load_state_dict replaces the state: the operator's lists are made again from the loaded tensors. A
+    copied optimiser (torch's __getstate__ keeps state and groups only) makes lists of its own."""
     model = _model()
     opt = optim.AdamW(_groups(model), lr=1e-2, fused=True)
     for step in range(3):
-        _backward(model, step)
-        opt.step(grad_multiplier=0.5, max_norm=1.0)
-        opt.zero_grad()
+        _step(model, opt, step)
     twin = copy.deepcopy(model)
     twin_opt = optim.AdamW(_groups(twin), lr=1e-2, fused=True)
-    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # (loading shares same-dtype tensors)
+    clone = copy.deepcopy(opt)
     for step in range(3, 6):
         for m, o in ((model, opt), (twin, twin_opt)):
-            _backward(m, step)
-            o.step(grad_multiplier=0.5, max_norm=1.0)
-            o.zero_grad()
+            _step(m, o, step)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
     assert twin_opt.state_dict()["state"][0]["step"].item() == 6
+    assert clone._lists is None or clone._lists is not opt._lists
 
 
 def test_without_the_cpp_library_the_step_is_torchs(monkeypatch):
@@ -159,37 +166,7 @@ def test_float16_gradient_scaling_and_a_closure_take_torchs_step():
     assert calls == [1]
 
 
-def test_a_copied_optimiser_steps_as_the_original():
-    model = _model()
-    opt = optim.AdamW(_groups(model), lr=1e-2, fused=True)
-    _backward(model, 0)
-    opt.step(grad_multiplier=0.5, max_norm=1.0)
-    opt.zero_grad()
-    twin = copy.deepcopy(model)
-    twin_opt = optim.AdamW(_groups(twin), lr=1e-2, fused=True)
-    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # (loading shares same-dtype tensors)
-    clone = copy.deepcopy(opt)  # torch's __getstate__ keeps state and groups only
-    for o, m in ((opt, model), (twin_opt, twin)):
-        _backward(m, 1)
-        o.step(grad_multiplier=0.5, max_norm=1.0)
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
-    assert clone._lists is None or clone._lists is not opt._lists
-
-
 def test_parameters_the_operator_does_not_take_get_torchs_step():
     """float64 parameters (as any off the CPU or not float32): torch's own step, bit for bit."""
-    def run(opt_class):
-        model = _model().double()
-        opt = opt_class(_groups(model), lr=1e-2, fused=True)
-        for step in range(3):
-            x = torch.randn(32, 16, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
-            (model(x).square().sum() * 50).backward()
-            if opt_class is optim.AdamW:
-                opt.step(grad_multiplier=0.5, max_norm=1.0)
-            else:
-                optim.rescale_gradients(list(model.parameters()), 0.5, 1.0)
-                opt.step()
-            opt.zero_grad()
-        return list(model.parameters())
-
-    assert all(torch.equal(a, b) for a, b in zip(run(optim.AdamW), run(torch.optim.AdamW)))
+    ours = _train(optim.AdamW, 3, 0.5, 1.0, dtype=torch.float64)
+    assert _max_difference(ours, _train(torch.optim.AdamW, 3, 0.5, 1.0, dtype=torch.float64)) == 0.0
