@@ -106,7 +106,7 @@ def _torch_libs() -> list[str]:
 def _build_key(compiler: str) -> str:
     """Source, compiler, flags, the processor architecture and the torch it is built against (its version
     and where it lives)."""
-    parts = (*(source.read_bytes() for source in SOURCES), compiler.encode(), " ".join(FLAGS).encode(), platform.machine().encode(),
-             torch.__version__.encode(),
-             str(_torch_root()).encode(), str(torch._C._GLIBCXX_USE_CXX11_ABI).encode())
+    parts = (*(source.read_bytes() for source in SOURCES), compiler.encode(), " ".join(FLAGS).encode(),
+             platform.machine().encode(), torch.__version__.encode(), str(_torch_root()).encode(),
+             str(torch._C._GLIBCXX_USE_CXX11_ABI).encode())
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
