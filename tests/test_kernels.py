@@ -440,3 +440,28 @@ def test_an_embedding_the_kernels_do_not_take_gets_torchs_ops():
         out.sum().backward(), want.sum().backward()
         assert torch.equal(out, want) and torch.equal(ours.weight.grad.to_dense(), theirs.weight.grad.to_dense())
 
+
+
+@compiled
+@pytest.mark.parametrize("n", [1, 15, 16, 33, 4096 + 7, 70_000])  # tails, one vector, and the threaded size
+@pytest.mark.parametrize("scale", [1.0, 1 / 0.9, 1 / (1 - 6554 / 65536)])
+def test_the_cast_kernels_equal_torchs_cast_and_bfloat16_product(n, scale):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g) * 3
+    specials = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 3.0e38, -1.0e-40, 1.00390625])
+    x[: min(n, len(specials))] = specials[: min(n, len(specials))]  # ties to even, overflow, subnormals, NaN
+    want = x.to(torch.bfloat16)
+    if scale != 1.0:
+        want = want * scale
+    _same_bits(kernels.to_bf16(x, scale), want, torch.int16)
+    b = (torch.randn(n, generator=g) * 3).to(torch.bfloat16)
+    b[: min(n, len(specials))] = specials[: min(n, len(specials))].to(torch.bfloat16)
+    _same_bits(kernels.to_f32(b, scale), (b * scale if scale != 1.0 else b).to(torch.float32), torch.int32)
+
+
+def _same_bits(got: torch.Tensor, want: torch.Tensor, bits: torch.dtype) -> None:
+    """Equal bit for bit, a NaN as any NaN (torch's own cast writes a NaN as 0xFFFF in its vector loop and
+    0x7FC0 in its scalar one)."""
+    assert got.dtype == want.dtype and got.isnan().equal(want.isnan())
+    keep = ~want.isnan()
+    assert got[keep].view(bits).equal(want[keep].view(bits))

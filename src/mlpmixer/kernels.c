@@ -424,3 +424,38 @@ void mlpmixer_embed_backward_f32(float *dtable, int64_t *order, int64_t *start, 
         }
     }
 }
+
+/* Autocast's casts in the residual node (mlpmixer.node), without a dispatch and a TensorIterator each (issue
+ * 17: about 3-5 µs apiece for the MLM seed configuration's small weights, 96 a step, while the second thread
+ * waits). mlpmixer_to_bf16: float32 to bfloat16 rounded as torch's .to(torch.bfloat16), then, where
+ * scale != 1, times scale rounded again as torch's bfloat16 `t * scale` (the product in float32): a weight,
+ * and W2 with its hidden dropout's scale. mlpmixer_to_f32: bfloat16 to float32 (exact) after, where
+ * scale != 1, the same bfloat16 product: a product's gradient back in the parameter's dtype. */
+void mlpmixer_to_bf16(uint16_t *out, const float *x, int64_t n, float scale, int nthreads) {
+    const int64_t whole = n / V * V;
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static) if(n >= PARALLEL_MIN)")
+    for (int64_t k = 0; k < whole; k += V) {
+        vstore_bf16(out + k, vload_f32(x + k));
+        if (scale != 1.0f) vstore_bf16(out + k, vload_bf16(out + k) * scale);
+    }
+    for (int64_t k = whole; k < n; ++k) {
+        out[k] = store_bf16(x[k]);
+        if (scale != 1.0f) out[k] = store_bf16(load_bf16(out[k]) * scale);
+    }
+}
+
+void mlpmixer_to_f32(float *out, const uint16_t *x, int64_t n, float scale, int nthreads) {
+    const int64_t whole = n / V * V;
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static) if(n >= PARALLEL_MIN)")
+    for (int64_t k = 0; k < whole; k += V) {
+        vf f = vload_bf16(x + k);
+        if (scale != 1.0f) {
+            uint16_t r[V];
+            vstore_bf16(r, f * scale);
+            f = vload_bf16(r);
+        }
+        vstore_f32(out + k, f);
+    }
+    for (int64_t k = whole; k < n; ++k)
+        out[k] = load_bf16(scale != 1.0f ? store_bf16(load_bf16(x[k]) * scale) : x[k]);
+}

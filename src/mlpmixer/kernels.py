@@ -189,6 +189,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         signatures[f"mlpmixer_dropout_mul_sum_{name}"] = [p, p, p, p, i64, i64, i, u64, u32, f, i]
     signatures["mlpmixer_embed_f32"] = [p, p, p, p, i64, i64, i64, i64, f, i]
     signatures["mlpmixer_embed_backward_f32"] = [p, p, p, p, p, i64, i64, i64, i64, f, i]
+    signatures["mlpmixer_to_bf16"] = signatures["mlpmixer_to_f32"] = [p, p, i64, f, i]
     signatures["mlpmixer_gelu_bf16"] = [p, p, i64, p, i]
     signatures["mlpmixer_gelu_backward_bf16"] = [p, p, p, i64, p, i]
     signatures["mlpmixer_gelu_backward_sum_bf16"] = [p, p, p, p, p, i64, i64, i, p, i]
@@ -313,6 +314,23 @@ def layer_norm_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weigh
 
 
 _gelu_tables: tuple[Tensor, Tensor] | None = None
+
+
+def to_bf16(t: Tensor, scale: float = 1.0) -> Tensor:
+    """A float32 tensor in bfloat16, rounded as ``t.to(torch.bfloat16)``, and then (``scale`` != 1) times
+    ``scale`` rounded as torch's bfloat16 ``t * scale``: the same bits in one pass (`node.cpp`'s casts)."""
+    t = t.contiguous()
+    out = torch.empty_like(t, dtype=torch.bfloat16)
+    _need().mlpmixer_to_bf16(out.data_ptr(), t.data_ptr(), t.numel(), scale, torch.get_num_threads())
+    return out
+
+
+def to_f32(t: Tensor, scale: float = 1.0) -> Tensor:
+    """A bfloat16 tensor in float32 (exact), after (``scale`` != 1) the bfloat16 product ``t * scale``."""
+    t = t.contiguous()
+    out = torch.empty_like(t, dtype=torch.float32)
+    _need().mlpmixer_to_f32(out.data_ptr(), t.data_ptr(), t.numel(), scale, torch.get_num_threads())
+    return out
 
 
 def gelu_tables() -> tuple[Tensor, Tensor]:

@@ -6,6 +6,7 @@
 // keeps the Python bodies for where this library is not built, and the tests hold the two equal.
 // mlpmixer/node.py builds this file on first use and hands it the kernels' addresses (set_kernels).
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -13,6 +14,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -24,7 +26,7 @@ using at::Tensor;
 enum Kernel {
     LN_F32, LN_BF16, LN_BACKWARD_F32, LN_BACKWARD_BF16, DROPOUT_BIAS_F32, DROPOUT_BIAS_BF16,
     DROPOUT_ADD_F32, DROPOUT_ADD_F32_BF16, DROPOUT_MUL_SUM_F32, DROPOUT_MUL_SUM_F32_BF16, GELU_BF16,
-    GELU_BACKWARD_BF16, GELU_BACKWARD_SUM_BF16, KERNELS
+    GELU_BACKWARD_BF16, GELU_BACKWARD_SUM_BF16, TO_BF16, TO_F32, KERNELS
 };
 using LayerNormFn = void (*)(void *, float *, float *, const float *, const float *, const float *, int64_t,
                              int64_t, float, int);
@@ -38,6 +40,7 @@ using GeluFn = void (*)(void *, const void *, int64_t, const void *, int);
 using GeluBackwardFn = void (*)(void *, const void *, const void *, int64_t, const float *, int);
 using GeluBackwardSumFn = void (*)(void *, float *, float *, const void *, const void *, int64_t, int64_t, int,
                                    const float *, int);
+using CastFn = void (*)(void *, const void *, int64_t, float, int);
 
 std::vector<void *> kernels;  // filled by set_kernels
 Tensor gelu_value, gelu_slope;  // kernels.gelu_tables()
@@ -52,12 +55,12 @@ Fn kernel(Kernel k) {
 int threads() { return at::get_num_threads(); }
 bool bf16(const Tensor &t) { return t.scalar_type() == at::kBFloat16; }
 
-// kernels.new_key: one 64-bit draw from torch's default generator
+// kernels.new_key: one 64-bit draw from torch's default generator, the draw its full-range `random_` makes
+// (there: an int64 tensor's one value), without the tensor
 uint64_t new_key() {
-    Tensor t = at::empty({}, at::kLong);
-    t.random_(std::numeric_limits<int64_t>::min(), std::optional<int64_t>(), std::optional<at::Generator>());
-    const int64_t v = t.item().toLong();
-    return static_cast<uint64_t>(v);
+    at::Generator gen = at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    return gen.get<at::CPUGeneratorImpl>()->random64();
 }
 
 // a Python number as an operand: a 0-dim double tensor marked as a wrapped number, so `t * v` and
@@ -66,6 +69,30 @@ Tensor number(double v) {
     Tensor t = at::scalar_tensor(v, at::kDouble);
     t.unsafeGetTensorImpl()->set_wrapped_number(true);
     return t;
+}
+
+// t (float32) in bfloat16 and times `scale` (W2 with its hidden dropout's scale), rounded as torch's cast and
+// bfloat16 product round them (fused._cast, then `w2 * scale`): kernels.c's one pass, no dispatch
+Tensor to_bf16(const Tensor &t, double scale = 1.0) {
+    if (t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu()) {
+        Tensor out = at::empty(t.sizes(), t.options().dtype(at::kBFloat16));
+        kernel<CastFn>(TO_BF16)(out.data_ptr(), t.data_ptr(), t.numel(), static_cast<float>(scale), threads());
+        return out;
+    }
+    const Tensor out = t.to(at::kBFloat16);
+    return scale == 1.0 ? out : out * number(scale);
+}
+
+// a gradient g in the parameter's dtype, after (scale != 1) `g.mul_(scale)` in g's dtype (W2's gradient: W2
+// entered the product as W2 · scale); a bfloat16 g to float32 by kernels.c's one pass
+Tensor to_dtype(Tensor g, at::ScalarType dtype, double scale = 1.0) {
+    if (g.scalar_type() == at::kBFloat16 && dtype == at::kFloat && g.is_contiguous() && g.device().is_cpu()) {
+        Tensor out = at::empty(g.sizes(), g.options().dtype(at::kFloat));
+        kernel<CastFn>(TO_F32)(out.data_ptr(), g.data_ptr(), g.numel(), static_cast<float>(scale), threads());
+        return out;
+    }
+    if (scale != 1.0) g.mul_(number(scale));
+    return g.to(dtype);
 }
 
 // fused.dropped_value (float16 never reaches this node)
@@ -153,15 +180,15 @@ std::tuple<Tensor, std::vector<Tensor>, int64_t> residual_forward(
     const at::ScalarType dtype = autocast_bf16 ? at::kBFloat16 : x.scalar_type();
     auto [u_, mean, rstd] = layer_norm(x, norm_w, norm_b, eps, dtype);
     const Tensor u = left ? u_.view({n, -1}) : u_.view({-1, d});
-    // fused._cast: autocast's dtype for the products
-    const Tensor w1 = autocast_bf16 ? w1_.to(dtype) : w1_, b1 = autocast_bf16 ? b1_.to(dtype) : b1_;
-    const Tensor w2 = autocast_bf16 ? w2_.to(dtype) : w2_, b2 = autocast_bf16 ? b2_.to(dtype) : b2_;
-    double scale = 1.0;
+    // fused._cast: autocast's dtype for the products; W2 enters as W2 · scale (see Dropout.biased)
+    const double scale = hidden_threshold == 0 ? 1.0 : hidden_scale;
+    const Tensor w1 = autocast_bf16 ? to_bf16(w1_) : w1_, b1 = autocast_bf16 ? to_bf16(b1_) : b1_;
+    const Tensor b2 = autocast_bf16 ? to_bf16(b2_) : b2_;
+    const Tensor w2s = autocast_bf16 ? to_bf16(w2_, scale) : scale == 1.0 ? w2_ : w2_ * number(scale);
     Tensor h;
     if (hidden_threshold == 0) {
         h = left ? at::addmm(b1.unsqueeze(1), w1, u) : at::addmm(b1, u, w1.t());
     } else {  // Dropout.biased: a fresh full-size bias with dropped units pushed to where σ is flat zero
-        scale = hidden_scale;
         const Tensor bc = b1.contiguous();
         const int64_t rows = left ? w1.size(0) : u.size(0), cols = left ? u.size(1) : w1.size(0);
         h = at::empty({rows, cols}, bc.options());
@@ -172,7 +199,6 @@ std::tuple<Tensor, std::vector<Tensor>, int64_t> residual_forward(
         if (left) h.addmm_(w1, u); else h.addmm_(u, w1.t());
     }
     const Tensor g = act_forward(activation, h);
-    const Tensor w2s = scale == 1.0 ? w2 : w2 * number(scale);
     Tensor y = left ? at::addmm(b2.unsqueeze(1), w2s, g) : at::addmm(b2, g, w2s.t());
     y = y.view(x.sizes());
     Tensor out;
@@ -215,15 +241,15 @@ std::vector<Tensor> residual_backward(const Tensor &dout_, const std::vector<Ten
         static_cast<uint64_t>(branch_key), static_cast<uint32_t>(branch_threshold),
         static_cast<float>(branch_threshold == 0 ? 1.0 : branch_scale), threads());
     const Tensor g = kept ? saved[8] : act_forward(activation, h);
-    Tensor dw2 = left ? at::mm(dy, g.t()) : at::mm(dy.t(), g);
-    if (hidden_scale != 1.0) dw2.mul_(number(hidden_scale));  // W2 entered as W2 · scale
+    const Tensor dw2 = left ? at::mm(dy, g.t()) : at::mm(dy.t(), g);  // times the scale at the end
     Tensor buf = kept ? at::empty_like(g) : g;  // see fused._mlp_backward
     if (left) at::mm_out(buf, w2s.t(), dy); else at::mm_out(buf, dy, w2s);
     auto [dh, db1] = act_backward_(activation, buf, h, left);
     const Tensor dw1 = left ? at::mm(dh, u.t()) : at::mm(dh.t(), u);
     const Tensor du = left ? at::mm(w1.t(), dh) : at::mm(dh, w1);
     auto [dx, dnorm_w, dnorm_b] = layer_norm_backward(du.view(x.sizes()), x, mean, rstd, norm_w, dout);
-    return {dx, dnorm_w, dnorm_b, dw1.to(grad_dtype), db1.to(grad_dtype), dw2.to(grad_dtype), db2.to(grad_dtype)};
+    return {dx, dnorm_w, dnorm_b, to_dtype(dw1, grad_dtype), to_dtype(db1, grad_dtype),
+            to_dtype(dw2, grad_dtype, hidden_scale), to_dtype(db2, grad_dtype)};
 }
 
 // The node as an autograd function in C++ (fused._ResidualMlp's part where this library is built): no

@@ -33,7 +33,8 @@ SOURCES = (Path(__file__).with_name("node.cpp"), Path(__file__).with_name("optim
 FLAGS = ("-O2", "-std=c++17", "-fPIC", "-shared", "-w")
 KERNELS = ("layer_norm_f32", "layer_norm_bf16", "layer_norm_backward_f32", "layer_norm_backward_bf16",
            "dropout_bias_f32", "dropout_bias_bf16", "dropout_add_f32", "dropout_add_f32_bf16", "dropout_mul_sum_f32",
-           "dropout_mul_sum_f32_bf16", "gelu_bf16", "gelu_backward_bf16", "gelu_backward_sum_bf16")  # node.cpp's order
+           "dropout_mul_sum_f32_bf16", "gelu_bf16", "gelu_backward_bf16", "gelu_backward_sum_bf16", "to_bf16",
+           "to_f32")  # node.cpp's order
 
 _ops = None
 _status: str | None = None
