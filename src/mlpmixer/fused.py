@@ -178,10 +178,13 @@ def residual_mlp(x: Tensor, norm: tuple[Tensor, Tensor, float], w1: Tensor, b1: 
     """
     dt = autocast_dtype(x.device.type)
     native = node.ops()
-    # the operator takes what `fusable` takes, with float32 or bfloat16 weights of one dtype; torch.compile
-    # traces the Python bodies (the operator has no fake-tensor form)
-    if (native is not None and w1.dtype in (torch.float32, torch.bfloat16) and w1.dtype == b1.dtype == w2.dtype
-            == b2.dtype and fusable(x) and not _compiling()):
+    # the operator takes what `fusable` takes (asked here without its library and autocast look-ups: the node
+    # library exists only beside the kernels, and dt is at hand), with float32 or bfloat16 weights of one
+    # dtype; torch.compile traces the Python bodies (the operator has no fake-tensor form)
+    if (native is not None and x.dtype == torch.float32 and x.dim() == 3 and x.shape[-1] % 16 == 0
+            and x.is_contiguous() and x.device.type == "cpu" and dt in (None, torch.bfloat16)
+            and w1.dtype in (torch.float32, torch.bfloat16) and w1.dtype == b1.dtype == w2.dtype == b2.dtype
+            and not _compiling()):
         hidden = (dropout.threshold, dropout.scale) if dropout is not None else (0, 1.0)
         branch = (branch_dropout.threshold, branch_dropout.scale) if branch_dropout is not None else (0, 1.0)
         return native.residual_mlp(x, norm[0], norm[1], w1, b1, w2, b2, norm[2], activation, left,

@@ -201,7 +201,10 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 def supports(*tensors: Tensor) -> bool:
     """Whether the compiled kernels exist here and take these tensors (CPU, float32 or bfloat16)."""
-    return all(t.device.type == "cpu" and supports_dtype(t.dtype) for t in tensors)
+    for t in tensors:  # a loop, not all(generator): asked a few times per layer and step
+        if t.device.type != "cpu" or not supports_dtype(t.dtype):
+            return False
+    return True
 
 
 def supports_dtype(dtype: torch.dtype) -> bool:

@@ -332,11 +332,11 @@ class MixerBlock(nn.Module):
         (`fused.residual_mlp`: the norm, the MLP and the residual dropout-add; 2–5 % off the MLM step).
         """
         if padding_mask is None and self._fusable(xs):  # each of Eq. 1 and Eq. 2 as one node (`fused`)
-            n = xs.shape[0]
-            xs = self._residual(xs, self.norm1, self.mlp_tokens.weights(n), self.mlp_tokens, left=True)
-            ch = self.mlp_channels
+            tokens, ch = self.mlp_tokens, self.mlp_channels
+            branch = self.drop if self.drop.active(xs) else None
+            xs = self._residual(xs, self.norm1, tokens.weights(xs.shape[0]), tokens, branch, left=True)
             return self._residual(xs, self.norm2, (ch.fc1.weight, ch.fc1.bias, ch.fc2.weight, ch.fc2.bias), ch,
-                                  left=False)
+                                  branch, left=False)
         mixed = self.mlp_tokens(self.norm1(xs).transpose(0, 1), padding_mask).transpose(0, 1)  # (N, B, D)
         xs = self.drop.add_to(xs, self.drop_path(mixed))
         return self.drop.add_to(xs, self.drop_path(self.mlp_channels(self.norm2(xs))))
@@ -344,17 +344,19 @@ class MixerBlock(nn.Module):
     def _fusable(self, xs: Tensor) -> bool:
         """Whether both residual branches can run as `fused.residual_mlp`: the paper's token-mixing MLP,
         no stochastic depth at work, and an input `fused.fusable` takes."""
-        return (isinstance(self.mlp_tokens, TokenMixingMlp) and xs.shape[0] <= self.mlp_tokens.seq_len
+        tokens, norm1, norm2 = self.mlp_tokens, self.norm1, self.norm2
+        return (isinstance(tokens, TokenMixingMlp) and xs.shape[0] <= tokens.seq_len
                 and (self.drop_path.p == 0.0 or not self.training)
-                and all(norm.weight is not None and norm.bias is not None for norm in (self.norm1, self.norm2))
-                and fused.fusable(xs))
+                and norm1.weight is not None and norm1.bias is not None
+                and norm2.weight is not None and norm2.bias is not None and fused.fusable(xs))
 
-    def _residual(self, xs: Tensor, norm: nn.LayerNorm, weights: tuple[Tensor, Tensor, Tensor, Tensor],
-                  mlp: nn.Module, left: bool) -> Tensor:
-        """``xs + drop(MLP(LN(xs)))`` in one node: the token-mixing MLP (``left``) or the channel MLP."""
+    @staticmethod
+    def _residual(xs: Tensor, norm: nn.LayerNorm, weights: tuple[Tensor, Tensor, Tensor, Tensor], mlp: nn.Module,
+                  branch: Dropout | None, left: bool) -> Tensor:
+        """``xs + branch(MLP(LN(xs)))`` in one node: the token-mixing MLP (``left``) or the channel MLP, with
+        the block's dropout on the branch where it is active."""
         return fused.residual_mlp(xs, (norm.weight, norm.bias, norm.eps), *weights, mlp.activation, left,
-                                  mlp.drop if mlp.drop.active(xs) else None,
-                                  self.drop if self.drop.active(xs) else None)
+                                  mlp.drop if mlp.drop.active(xs) else None, branch)
 
 
 class PatchEmbed(nn.Module):
