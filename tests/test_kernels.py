@@ -465,3 +465,26 @@ def _same_bits(got: torch.Tensor, want: torch.Tensor, bits: torch.dtype) -> None
     assert got.dtype == want.dtype and got.isnan().equal(want.isnan())
     keep = ~want.isnan()
     assert got[keep].view(bits).equal(want[keep].view(bits))
+
+
+@compiled
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_row", [True, False])
+@pytest.mark.parametrize("shape", [(32, 8192), (2048, 128), (5, 48)])
+@pytest.mark.parametrize("threshold", [0, 6554])
+def test_dropout_add_with_the_branch_bias_equals_torch(dtype, per_row, shape, threshold):
+    """The residual node's end: x + (branch + b2) · scale where kept, b2 added in float32, the mask
+    `dropout_add`'s (lanes by element) and none drawn at threshold 0."""
+    g = torch.Generator().manual_seed(1)
+    rows, cols = shape
+    x, branch = torch.randn(rows * cols, generator=g), torch.randn(rows, cols, generator=g).to(dtype)
+    bias = torch.randn(rows if per_row else cols, generator=g).to(dtype)
+    key, scale = 0x0123456789ABCDEF, 1 / (1 - threshold / 65536)
+    got = kernels.dropout_add_bias(x, branch, bias, per_row, key, threshold, scale)
+    summed = branch.float() + (bias.float()[:, None] if per_row else bias.float())
+    want = torch.where(kernels.lanes(key, x.numel()) < threshold, x, x + summed.reshape(-1) * scale)
+    assert got.view(torch.int32).equal(want.view(torch.int32))
+    # the same elements dropped as `dropout_add` drops under the key: with a branch of ones and no bias the two agree
+    ones, zeros = torch.ones(rows, cols, dtype=dtype), torch.zeros(rows if per_row else cols, dtype=dtype)
+    plain = kernels.dropout_add(x, ones.reshape(-1), key, threshold, scale)
+    assert kernels.dropout_add_bias(x, ones, zeros, per_row, key, threshold, scale).equal(plain)

@@ -103,10 +103,11 @@ def _cast(dtype: torch.dtype | None, *tensors: Tensor) -> tuple[Tensor, ...]:
     return tensors if dtype is None else tuple(t.to(dtype) for t in tensors)
 
 
-def _mlp_forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, activation: str, left: bool,
-                 dropout) -> tuple[Tensor, tuple[Tensor, ...]]:
+def _mlp_forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor | None, activation: str,
+                 left: bool, dropout) -> tuple[Tensor, tuple[Tensor, ...]]:
     """``W2 · drop(σ(W1 · x + b1)) + b2``, and the tensors `_mlp_backward` needs (for the caller to
-    save); the rest of what it needs goes on ``ctx``."""
+    save); the rest of what it needs goes on ``ctx``. ``b2`` None: without it (the residual node adds it
+    in its residual pass)."""
     bias1 = b1[:, None] if left else b1
     shape = torch.Size((w1.shape[0], x.shape[1]) if left else (x.shape[0], w1.shape[0]))
     if dropout is None:
@@ -118,7 +119,10 @@ def _mlp_forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
         h = h.addmm_(w1, x) if left else h.addmm_(x, w1.t())  # accumulate the product into it: no copy
     g = _forward(activation, h)
     w2s = w2 if scale == 1.0 else w2 * scale
-    y = torch.addmm(b2[:, None], w2s, g) if left else torch.addmm(b2, g, w2s.t())
+    if b2 is None:
+        y = w2s @ g if left else g @ w2s.t()
+    else:
+        y = torch.addmm(b2[:, None], w2s, g) if left else torch.addmm(b2, g, w2s.t())
     keep = _keeps_bytes(g.numel() * g.element_size())
     ctx.activation, ctx.left, ctx.scale = activation, left, scale
     return y, (x, w1, w2s, h, *((g,) if keep else ()))
@@ -228,14 +232,12 @@ class _ResidualMlp(torch.autograd.Function):
         n, d = x.shape[0], x.shape[-1]
         u, mean, rstd = kernels.layer_norm(x, norm_w, norm_b, eps, dtype or x.dtype)  # (N, B, D)
         u = u.view(n, -1) if left else u.view(-1, d)  # (N, B·D) for Eq. 1, (N·B, D) for Eq. 2
-        y, saved = _mlp_forward(ctx, u, *_cast(dtype, w1, b1, w2, b2), activation, left, dropout)
-        y = y.view(x.shape)
-        if branch_dropout is None:
-            ctx.branch = None
-            out = x + y
-        else:
-            ctx.branch = kernels.new_key(), branch_dropout.threshold, branch_dropout.scale
-            out = kernels.dropout_add(x, y, *ctx.branch)
+        w1c, b1c, w2c, b2c = _cast(dtype, w1, b1, w2, b2)
+        y, saved = _mlp_forward(ctx, u, w1c, b1c, w2c, None, activation, left, dropout)  # (N, B·D) or (N·B, D)
+        # b2 joins in the residual pass (in float32; the product needs no bias copy)
+        ctx.branch = None if branch_dropout is None else (kernels.new_key(), branch_dropout.threshold,
+                                                           branch_dropout.scale)
+        out = kernels.dropout_add_bias(x, y, b2c, left, *(ctx.branch or (0, 0, 1.0)))
         ctx.save_for_backward(x, norm_w, mean, rstd, *saved)
         ctx.dtypes, ctx.y_dtype = (w1.dtype, b1.dtype, w2.dtype, b2.dtype), y.dtype
         return out

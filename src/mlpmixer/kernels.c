@@ -137,9 +137,40 @@ void mlpmixer_lanes(uint16_t *out, int64_t n, uint64_t key) {
 
 DROPOUT_BIAS(mlpmixer_dropout_bias_f32, float, load_f32, store_f32)
 DROPOUT_BIAS(mlpmixer_dropout_bias_bf16, uint16_t, load_bf16, store_bf16)
+/* A residual branch's end in one pass: out = x + (branch + bias) * scale where kept, x where dropped, for a
+ * float32 x and a (rows, cols) branch with its output bias, one value per row (per_row) or per column
+ * (mlpmixer.fused: the bias added here, in float32, instead of in the branch's product, which then needs no
+ * bias copy: issue 17). thr = 0 drops nothing and makes no bits. */
+#define DROPOUT_ADD_BIAS(NAME, TB, LOADB)                                                             \
+    void NAME(float *out, const float *x, const TB *branch, const TB *bias, int64_t rows, int64_t cols,  \
+              int per_row, uint64_t key, uint32_t thr, float scale, int nthreads) {                  \
+        const int64_t per = (cols + BLOCK - 1) / BLOCK, tasks = rows * per;                          \
+        _Pragma("omp parallel for num_threads(nthreads) schedule(static) if(rows * cols >= PARALLEL_MIN)") \
+        for (int64_t t = 0; t < tasks; ++t) {                                                        \
+            const int64_t i = t / per, j0 = (t % per) * BLOCK, n = min64(BLOCK, cols - j0);         \
+            const int64_t e0 = i * cols + j0;                                                        \
+            uint16_t lanes[BLOCK];                                                                   \
+            if (thr) draw(key, e0, n, lanes);                                                        \
+            const float *restrict xr = x + e0;                                                       \
+            const TB *restrict br = branch + e0;                                                     \
+            float *restrict o = out + e0;                                                            \
+            if (per_row) {                                                                           \
+                const float b = LOADB(bias[i]);                                                      \
+                for (int64_t k = 0; k < n; ++k)                                                      \
+                    o[k] = thr && lanes[k] < thr ? xr[k] : xr[k] + (LOADB(br[k]) + b) * scale;       \
+            } else {                                                                                 \
+                const TB *restrict bc = bias + j0;                                                   \
+                for (int64_t k = 0; k < n; ++k)                                                      \
+                    o[k] = thr && lanes[k] < thr ? xr[k] : xr[k] + (LOADB(br[k]) + LOADB(bc[k])) * scale; \
+            }                                                                                        \
+        }                                                                                            \
+    }
+
 DROPOUT_ADD(mlpmixer_dropout_add_f32, float, load_f32, store_f32, float, load_f32)
 DROPOUT_ADD(mlpmixer_dropout_add_bf16, uint16_t, load_bf16, store_bf16, uint16_t, load_bf16)
 DROPOUT_ADD(mlpmixer_dropout_add_f32_bf16, float, load_f32, store_f32, uint16_t, load_bf16)
+DROPOUT_ADD_BIAS(mlpmixer_dropout_add_bias_f32, float, load_f32)
+DROPOUT_ADD_BIAS(mlpmixer_dropout_add_bias_f32_bf16, uint16_t, load_bf16)
 DROPOUT_MUL(mlpmixer_dropout_mul_f32, float, load_f32, float, store_f32)
 DROPOUT_MUL(mlpmixer_dropout_mul_bf16, uint16_t, load_bf16, uint16_t, store_bf16)
 DROPOUT_MUL(mlpmixer_dropout_mul_f32_bf16, float, load_f32, uint16_t, store_bf16)

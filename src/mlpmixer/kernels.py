@@ -187,6 +187,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         signatures[f"mlpmixer_dropout_mul_{name}"] = [p, p, i64, u64, u32, f, i]
     for name in ("f32", "f32_bf16"):
         signatures[f"mlpmixer_dropout_mul_sum_{name}"] = [p, p, p, p, i64, i64, i, u64, u32, f, i]
+        signatures[f"mlpmixer_dropout_add_bias_{name}"] = [p, p, p, p, i64, i64, i, u64, u32, f, i]
     signatures["mlpmixer_embed_f32"] = [p, p, p, p, i64, i64, i64, i64, f, i]
     signatures["mlpmixer_embed_backward_f32"] = [p, p, p, p, p, i64, i64, i64, i64, f, i]
     signatures["mlpmixer_to_bf16"] = signatures["mlpmixer_to_f32"] = [p, p, i64, f, i]
@@ -245,6 +246,24 @@ def dropout_add(x: Tensor, branch: Tensor, key: int, threshold: int, scale: floa
     out = torch.empty_like(x)
     getattr(_need(), f"mlpmixer_dropout_add_{pair}")(out.data_ptr(), x.data_ptr(), branch.data_ptr(), x.numel(),
                                                      key, threshold, scale, torch.get_num_threads())
+    return out
+
+
+def dropout_add_bias(x: Tensor, branch: Tensor, bias: Tensor, per_row: bool, key: int, threshold: int,
+                     scale: float) -> Tensor:
+    """``x + (branch + bias) · scale`` where an element is kept, ``x`` where dropped: a float32 ``x``, its
+    ``branch`` seen as (rows, cols) (float32, or bfloat16 beside its bfloat16 ``bias``), ``bias`` one value per
+    row (``per_row``) or per column, added in float32. ``threshold`` 0 drops nothing (and draws nothing).
+    The same mask as `dropout_add` under ``key``."""
+    x, branch, bias = x.contiguous(), branch.contiguous(), bias.contiguous()
+    rows, cols = branch.shape
+    if bias.numel() != (rows if per_row else cols) or branch.numel() != x.numel() or bias.dtype != branch.dtype:
+        raise ValueError(f"dropout_add_bias: a {tuple(branch.shape)} branch takes a bias of "
+                         f"{rows if per_row else cols} values of its dtype, got {bias.numel()} {bias.dtype}")
+    out = torch.empty_like(x)
+    getattr(_need(), f"mlpmixer_dropout_add_bias_{'f32' if branch.dtype == torch.float32 else 'f32_bf16'}")(
+        out.data_ptr(), x.data_ptr(), branch.data_ptr(), bias.data_ptr(), rows, cols, int(per_row), key, threshold,
+        scale, torch.get_num_threads())
     return out
 
 

@@ -25,7 +25,7 @@ using at::Tensor;
 // the C kernels, in the order node.py passes their addresses (names as in kernels.c)
 enum Kernel {
     LN_F32, LN_BF16, LN_BACKWARD_F32, LN_BACKWARD_BF16, DROPOUT_BIAS_F32, DROPOUT_BIAS_BF16,
-    DROPOUT_ADD_F32, DROPOUT_ADD_F32_BF16, DROPOUT_MUL_SUM_F32, DROPOUT_MUL_SUM_F32_BF16, GELU_BF16,
+    DROPOUT_ADD_BIAS_F32, DROPOUT_ADD_BIAS_F32_BF16, DROPOUT_MUL_SUM_F32, DROPOUT_MUL_SUM_F32_BF16, GELU_BF16,
     GELU_BACKWARD_BF16, GELU_BACKWARD_SUM_BF16, TO_BF16, TO_F32, KERNELS
 };
 using LayerNormFn = void (*)(void *, float *, float *, const float *, const float *, const float *, int64_t,
@@ -33,7 +33,8 @@ using LayerNormFn = void (*)(void *, float *, float *, const float *, const floa
 using LayerNormBackwardFn = void (*)(float *, float *, float *, float *, const void *, const float *, const float *,
                                      const float *, const float *, const float *, int64_t, int64_t, int);
 using DropoutBiasFn = void (*)(void *, const void *, int64_t, int64_t, int, uint64_t, uint32_t, float, int);
-using DropoutAddFn = void (*)(void *, const void *, const void *, int64_t, uint64_t, uint32_t, float, int);
+using DropoutAddBiasFn = void (*)(float *, const float *, const void *, const void *, int64_t, int64_t, int, uint64_t,
+                                  uint32_t, float, int);
 using DropoutMulSumFn = void (*)(void *, float *, float *, const float *, int64_t, int64_t, int, uint64_t, uint32_t,
                                  float, int);
 using GeluFn = void (*)(void *, const void *, int64_t, const void *, int);
@@ -199,21 +200,16 @@ std::tuple<Tensor, std::vector<Tensor>, int64_t> residual_forward(
         if (left) h.addmm_(w1, u); else h.addmm_(u, w1.t());
     }
     const Tensor g = act_forward(activation, h);
-    Tensor y = left ? at::addmm(b2.unsqueeze(1), w2s, g) : at::addmm(b2, g, w2s.t());
-    y = y.view(x.sizes());
-    Tensor out;
-    int64_t branch_key = 0;
-    if (branch_threshold == 0) {
-        out = x + y;
-    } else {  // kernels.dropout_add
-        const uint64_t key = new_key();
-        branch_key = static_cast<int64_t>(key);
-        const Tensor xc = x.contiguous(), yc = y.contiguous();
-        out = at::empty_like(xc);
-        kernel<DropoutAddFn>(bf16(yc) ? DROPOUT_ADD_F32_BF16 : DROPOUT_ADD_F32)(
-            out.data_ptr(), xc.data_ptr(), yc.data_ptr(), xc.numel(), key, static_cast<uint32_t>(branch_threshold),
-            static_cast<float>(branch_scale), threads());
-    }
+    const Tensor y = left ? at::mm(w2s, g) : at::mm(g, w2s.t());  // b2 joins in the residual pass
+    // kernels.dropout_add_bias: x + (y + b2) · scale where kept (nothing dropped without branch dropout)
+    const uint64_t key = branch_threshold == 0 ? 0 : new_key();
+    const int64_t branch_key = static_cast<int64_t>(key);
+    const Tensor b2c = b2.contiguous();
+    Tensor out = at::empty_like(x);
+    kernel<DropoutAddBiasFn>(bf16(y) ? DROPOUT_ADD_BIAS_F32_BF16 : DROPOUT_ADD_BIAS_F32)(
+        out.data_ptr<float>(), x.data_ptr<float>(), y.data_ptr(), b2c.data_ptr(), y.size(0), y.size(1), left, key,
+        static_cast<uint32_t>(branch_threshold), static_cast<float>(branch_threshold == 0 ? 1.0 : branch_scale),
+        threads());
     std::vector<Tensor> saved{x, norm_w, mean, rstd, u, w1, w2s, h};
     if (keep) saved.push_back(g);
     return {out, saved, branch_key};

@@ -32,7 +32,7 @@ from . import kernels
 SOURCES = (Path(__file__).with_name("node.cpp"), Path(__file__).with_name("optim.cpp"))  # one library
 FLAGS = ("-O2", "-std=c++17", "-fPIC", "-shared", "-w")
 KERNELS = ("layer_norm_f32", "layer_norm_bf16", "layer_norm_backward_f32", "layer_norm_backward_bf16",
-           "dropout_bias_f32", "dropout_bias_bf16", "dropout_add_f32", "dropout_add_f32_bf16", "dropout_mul_sum_f32",
+           "dropout_bias_f32", "dropout_bias_bf16", "dropout_add_bias_f32", "dropout_add_bias_f32_bf16", "dropout_mul_sum_f32",
            "dropout_mul_sum_f32_bf16", "gelu_bf16", "gelu_backward_bf16", "gelu_backward_sum_bf16", "to_bf16",
            "to_f32")  # node.cpp's order
 
