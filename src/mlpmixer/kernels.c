@@ -144,24 +144,30 @@ DROPOUT_BIAS(mlpmixer_dropout_bias_bf16, uint16_t, load_bf16, store_bf16)
 #define DROPOUT_ADD_BIAS(NAME, TB, LOADB)                                                             \
     void NAME(float *out, const float *x, const TB *branch, const TB *bias, int64_t rows, int64_t cols,  \
               int per_row, uint64_t key, uint32_t thr, float scale, int nthreads) {                  \
-        const int64_t per = (cols + BLOCK - 1) / BLOCK, tasks = rows * per;                          \
-        _Pragma("omp parallel for num_threads(nthreads) schedule(static) if(rows * cols >= PARALLEL_MIN)") \
-        for (int64_t t = 0; t < tasks; ++t) {                                                        \
-            const int64_t i = t / per, j0 = (t % per) * BLOCK, n = min64(BLOCK, cols - j0);         \
-            const int64_t e0 = i * cols + j0;                                                        \
+        const int64_t total = rows * cols;                                                           \
+        _Pragma("omp parallel for num_threads(nthreads) schedule(static) if(total >= PARALLEL_MIN)") \
+        for (int64_t task = 0; task < (total + BLOCK - 1) / BLOCK; ++task) {                         \
+            const int64_t e0 = task * BLOCK, m = min64(BLOCK, total - e0);                           \
             uint16_t lanes[BLOCK];                                                                   \
-            if (thr) draw(key, e0, n, lanes);                                                        \
-            const float *restrict xr = x + e0;                                                       \
-            const TB *restrict br = branch + e0;                                                     \
-            float *restrict o = out + e0;                                                            \
-            if (per_row) {                                                                           \
-                const float b = LOADB(bias[i]);                                                      \
-                for (int64_t k = 0; k < n; ++k)                                                      \
-                    o[k] = thr && lanes[k] < thr ? xr[k] : xr[k] + (LOADB(br[k]) + b) * scale;       \
-            } else {                                                                                 \
-                const TB *restrict bc = bias + j0;                                                   \
-                for (int64_t k = 0; k < n; ++k)                                                      \
-                    o[k] = thr && lanes[k] < thr ? xr[k] : xr[k] + (LOADB(br[k]) + LOADB(bc[k])) * scale; \
+            if (thr) draw(key, e0, m, lanes);                                                        \
+            for (int64_t s0 = 0; s0 < m;) {  /* the block's pieces of one row each */               \
+                const int64_t i = (e0 + s0) / cols, j0 = (e0 + s0) % cols, n = min64(m - s0, cols - j0); \
+                const float *restrict xr = x + e0 + s0;                                              \
+                const TB *restrict br = branch + e0 + s0, *restrict bc = bias + j0;                  \
+                const uint16_t *restrict u = lanes + s0;                                             \
+                float *restrict o = out + e0 + s0;                                                   \
+                const float b = LOADB(bias[per_row ? i : 0]);                                        \
+                if (per_row && !thr)                                                                 \
+                    for (int64_t k = 0; k < n; ++k) o[k] = xr[k] + (LOADB(br[k]) + b) * scale;       \
+                else if (per_row)                                                                    \
+                    for (int64_t k = 0; k < n; ++k)                                                  \
+                        o[k] = u[k] < thr ? xr[k] : xr[k] + (LOADB(br[k]) + b) * scale;              \
+                else if (!thr)                                                                       \
+                    for (int64_t k = 0; k < n; ++k) o[k] = xr[k] + (LOADB(br[k]) + LOADB(bc[k])) * scale; \
+                else                                                                                 \
+                    for (int64_t k = 0; k < n; ++k)                                                  \
+                        o[k] = u[k] < thr ? xr[k] : xr[k] + (LOADB(br[k]) + LOADB(bc[k])) * scale;   \
+                s0 += n;                                                                             \
             }                                                                                        \
         }                                                                                            \
     }
