@@ -488,3 +488,13 @@ def test_dropout_add_with_the_branch_bias_equals_torch(dtype, per_row, shape, th
     ones, zeros = torch.ones(rows, cols, dtype=dtype), torch.zeros(rows if per_row else cols, dtype=dtype)
     plain = kernels.dropout_add(x, ones.reshape(-1), key, threshold, scale)
     assert kernels.dropout_add_bias(x, ones, zeros, per_row, key, threshold, scale).equal(plain)
+
+
+@compiled
+def test_dropout_add_with_the_branch_bias_refuses_what_it_would_misread():
+    x, branch, bias = torch.zeros(4 * 16), torch.zeros(4, 16), torch.zeros(16)
+    for args in ((x.bfloat16(), branch, bias), (x, branch.reshape(-1), bias), (x, branch, bias[:8]),
+                 (x, branch.bfloat16(), bias), (x[:32], branch, bias)):
+        with pytest.raises(ValueError, match="dropout_add_bias takes"):
+            kernels.dropout_add_bias(*args, False, 1, 0, 1.0)
+    assert kernels.dropout_add_bias(x, branch, torch.ones(4), True, 1, 0, 1.0).equal(torch.ones(4).repeat_interleave(16))

@@ -256,10 +256,13 @@ def dropout_add_bias(x: Tensor, branch: Tensor, bias: Tensor, per_row: bool, key
     row (``per_row``) or per column, added in float32. ``threshold`` 0 drops nothing (and draws nothing).
     The same mask as `dropout_add` under ``key``."""
     x, branch, bias = x.contiguous(), branch.contiguous(), bias.contiguous()
-    rows, cols = branch.shape
-    if bias.numel() != (rows if per_row else cols) or branch.numel() != x.numel() or bias.dtype != branch.dtype:
-        raise ValueError(f"dropout_add_bias: a {tuple(branch.shape)} branch takes a bias of "
-                         f"{rows if per_row else cols} values of its dtype, got {bias.numel()} {bias.dtype}")
+    rows, cols = branch.shape if branch.dim() == 2 else (0, 0)
+    if (x.dtype != torch.float32 or branch.dtype not in DTYPES or branch.dim() != 2 or branch.numel() != x.numel()
+            or bias.dtype != branch.dtype or bias.numel() != (rows if per_row else cols)):
+        raise ValueError(f"dropout_add_bias takes a float32 x, a 2-D float32 or bfloat16 branch of x's size and a "
+                         f"bias of one value per {'row' if per_row else 'column'} in the branch's dtype; got x "
+                         f"{x.dtype} {tuple(x.shape)}, branch {branch.dtype} {tuple(branch.shape)}, bias "
+                         f"{bias.dtype} {tuple(bias.shape)}")
     out = torch.empty_like(x)
     getattr(_need(), f"mlpmixer_dropout_add_bias_{'f32' if branch.dtype == torch.float32 else 'f32_bf16'}")(
         out.data_ptr(), x.data_ptr(), branch.data_ptr(), bias.data_ptr(), rows, cols, int(per_row), key, threshold,

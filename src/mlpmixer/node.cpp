@@ -13,7 +13,6 @@
 #include <torch/library.h>
 
 #include <cstdint>
-#include <limits>
 #include <mutex>
 #include <string>
 #include <vector>
