@@ -459,6 +459,14 @@ def test_the_cast_kernels_equal_torchs_cast_and_bfloat16_product(n, scale):
     _same_bits(kernels.to_f32(b, scale), (b * scale if scale != 1.0 else b).to(torch.float32), torch.int32)
 
 
+@compiled
+def test_the_cast_kernels_refuse_a_tensor_of_the_other_dtype():
+    with pytest.raises(ValueError, match="to_bf16 takes a float32 tensor, got torch.bfloat16"):
+        kernels.to_bf16(torch.zeros(16, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="to_f32 takes a bfloat16 tensor, got torch.float32"):
+        kernels.to_f32(torch.zeros(16))
+
+
 def _same_bits(got: torch.Tensor, want: torch.Tensor, bits: torch.dtype) -> None:
     """Equal bit for bit, a NaN as any NaN (torch's own cast writes a NaN as 0xFFFF in its vector loop and
     0x7FC0 in its scalar one)."""

@@ -185,8 +185,7 @@ def residual_mlp(x: Tensor, norm: tuple[Tensor, Tensor, float], w1: Tensor, b1: 
     # the operator takes what `fusable` takes (asked here without its library and autocast look-ups: the node
     # library exists only beside the kernels, and dt is at hand), with float32 or bfloat16 weights of one
     # dtype; torch.compile traces the Python bodies (the operator has no fake-tensor form)
-    if (native is not None and x.dtype == torch.float32 and x.dim() == 3 and x.shape[-1] % 16 == 0
-            and x.is_contiguous() and x.device.type == "cpu" and dt in (None, torch.bfloat16)
+    if (native is not None and _layout_fusable(x) and x.device.type == "cpu" and dt in (None, torch.bfloat16)
             and w1.dtype in (torch.float32, torch.bfloat16) and w1.dtype == b1.dtype == w2.dtype == b2.dtype
             and not _compiling()):
         hidden = (dropout.threshold, dropout.scale) if dropout is not None else (0, 1.0)
@@ -201,8 +200,13 @@ def residual_mlp(x: Tensor, norm: tuple[Tensor, Tensor, float], w1: Tensor, b1: 
 def fusable(x: Tensor) -> bool:
     """Whether `residual_mlp` takes this input: contiguous (N, B, D) float32 on the CPU with the kernels,
     D a multiple of 16, and autocast off or in bfloat16 (the norm must be affine: the caller's check)."""
-    return (x.dtype == torch.float32 and x.dim() == 3 and x.shape[-1] % 16 == 0 and x.is_contiguous()
-            and kernels.supports(x) and autocast_dtype(x.device.type) in (None, torch.bfloat16))
+    return (_layout_fusable(x) and kernels.supports(x)
+            and autocast_dtype(x.device.type) in (None, torch.bfloat16))
+
+
+def _layout_fusable(x: Tensor) -> bool:
+    """`fusable`'s part about x itself: contiguous (N, B, D) float32, D a multiple of 16."""
+    return x.dtype == torch.float32 and x.dim() == 3 and x.shape[-1] % 16 == 0 and x.is_contiguous()
 
 
 def _compiling() -> bool:

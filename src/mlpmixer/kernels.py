@@ -344,6 +344,8 @@ _gelu_tables: tuple[Tensor, Tensor] | None = None
 def to_bf16(t: Tensor, scale: float = 1.0) -> Tensor:
     """A float32 tensor in bfloat16, rounded as ``t.to(torch.bfloat16)``, and then (``scale`` != 1) times
     ``scale`` rounded as torch's bfloat16 ``t * scale``: the same bits in one pass (`node.cpp`'s casts)."""
+    if t.dtype != torch.float32:
+        raise ValueError(f"to_bf16 takes a float32 tensor, got {t.dtype}")
     t = t.contiguous()
     out = torch.empty_like(t, dtype=torch.bfloat16)
     _need().mlpmixer_to_bf16(out.data_ptr(), t.data_ptr(), t.numel(), scale, torch.get_num_threads())
@@ -352,6 +354,8 @@ def to_bf16(t: Tensor, scale: float = 1.0) -> Tensor:
 
 def to_f32(t: Tensor, scale: float = 1.0) -> Tensor:
     """A bfloat16 tensor in float32 (exact), after (``scale`` != 1) the bfloat16 product ``t * scale``."""
+    if t.dtype != torch.bfloat16:
+        raise ValueError(f"to_f32 takes a bfloat16 tensor, got {t.dtype}")
     t = t.contiguous()
     out = torch.empty_like(t, dtype=torch.float32)
     _need().mlpmixer_to_f32(out.data_ptr(), t.data_ptr(), t.numel(), scale, torch.get_num_threads())

@@ -95,6 +95,9 @@ Tensor to_dtype(Tensor g, at::ScalarType dtype, double scale = 1.0) {
     return g.to(dtype);
 }
 
+// the scale a dropout applies: its 1 / (1 - p) where it drops anything (threshold > 0), else none
+double applied_scale(int64_t threshold, double scale) { return threshold == 0 ? 1.0 : scale; }
+
 // fused.dropped_value (float16 never reaches this node)
 float dropped_value() { return -1.0e9f; }
 
@@ -181,7 +184,7 @@ std::tuple<Tensor, std::vector<Tensor>, int64_t> residual_forward(
     auto [u_, mean, rstd] = layer_norm(x, norm_w, norm_b, eps, dtype);
     const Tensor u = left ? u_.view({n, -1}) : u_.view({-1, d});
     // fused._cast: autocast's dtype for the products; W2 enters as W2 · scale (see Dropout.biased)
-    const double scale = hidden_threshold == 0 ? 1.0 : hidden_scale;
+    const double scale = applied_scale(hidden_threshold, hidden_scale);
     const Tensor w1 = autocast_bf16 ? to_bf16(w1_) : w1_, b1 = autocast_bf16 ? to_bf16(b1_) : b1_;
     const Tensor b2 = autocast_bf16 ? to_bf16(b2_) : b2_;
     const Tensor w2s = autocast_bf16 ? to_bf16(w2_, scale) : scale == 1.0 ? w2_ : w2_ * number(scale);
@@ -207,7 +210,7 @@ std::tuple<Tensor, std::vector<Tensor>, int64_t> residual_forward(
     Tensor out = at::empty_like(x);
     kernel<DropoutAddBiasFn>(bf16(y) ? DROPOUT_ADD_BIAS_F32_BF16 : DROPOUT_ADD_BIAS_F32)(
         out.data_ptr<float>(), x.data_ptr<float>(), y.data_ptr(), b2c.data_ptr(), y.size(0), y.size(1), left, key,
-        static_cast<uint32_t>(branch_threshold), static_cast<float>(branch_threshold == 0 ? 1.0 : branch_scale),
+        static_cast<uint32_t>(branch_threshold), static_cast<float>(applied_scale(branch_threshold, branch_scale)),
         threads());
     std::vector<Tensor> saved{x, norm_w, mean, rstd, u, w1, w2s, h};
     if (keep) saved.push_back(g);
@@ -215,7 +218,8 @@ std::tuple<Tensor, std::vector<Tensor>, int64_t> residual_forward(
 }
 
 // fused._ResidualMlp.backward with fused._mlp_backward inside: the gradients of x, the norm's weight and
-// bias, W1, b1, W2 and b2, the last four in `grad_dtype` (the parameters' dtype)
+// bias, W1, b1, W2 and b2, the last four in `grad_dtype` (the parameters' dtype); the scales are the ones
+// the forward applied (applied_scale)
 std::vector<Tensor> residual_backward(const Tensor &dout_, const std::vector<Tensor> &saved,
                                       const std::string &activation, bool left, double hidden_scale,
                                       int64_t branch_threshold, double branch_scale, int64_t branch_key,
@@ -233,8 +237,8 @@ std::vector<Tensor> residual_backward(const Tensor &dout_, const std::vector<Ten
     Tensor part = at::empty({left ? 0 : (rows + CHUNK_ROWS - 1) / CHUNK_ROWS * cols}, dout.options());
     kernel<DropoutMulSumFn>(bf16(dy) ? DROPOUT_MUL_SUM_F32_BF16 : DROPOUT_MUL_SUM_F32)(
         dy.data_ptr(), db2.data_ptr<float>(), part.data_ptr<float>(), dout.data_ptr<float>(), rows, cols, left,
-        static_cast<uint64_t>(branch_key), static_cast<uint32_t>(branch_threshold),
-        static_cast<float>(branch_threshold == 0 ? 1.0 : branch_scale), threads());
+        static_cast<uint64_t>(branch_key), static_cast<uint32_t>(branch_threshold), static_cast<float>(branch_scale),
+        threads());
     const Tensor g = kept ? saved[8] : act_forward(activation, h);
     const Tensor dw2 = left ? at::mm(dy, g.t()) : at::mm(dy.t(), g);  // times the scale at the end
     Tensor buf = kept ? at::empty_like(g) : g;  // see fused._mlp_backward
@@ -265,9 +269,10 @@ struct ResidualMlp : public torch::autograd::Function<ResidualMlp> {
         ctx->save_for_backward(saved);
         ctx->saved_data["activation"] = activation;
         ctx->saved_data["left"] = left;
-        ctx->saved_data["hidden_scale"] = hidden_scale;
+        // the scales the forward applied (none where nothing is dropped), for the backward to apply again
+        ctx->saved_data["hidden_scale"] = applied_scale(hidden_threshold, hidden_scale);
         ctx->saved_data["branch_threshold"] = branch_threshold;
-        ctx->saved_data["branch_scale"] = branch_scale;
+        ctx->saved_data["branch_scale"] = applied_scale(branch_threshold, branch_scale);
         ctx->saved_data["branch_key"] = key;
         ctx->saved_data["grad_dtype"] = static_cast<int64_t>(w1.scalar_type());
         return out;
